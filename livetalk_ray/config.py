@@ -1,0 +1,289 @@
+"""The one typed config tree of livetalk-ray.
+
+Every default lives here exactly once. Presets (`toy`, `wan-1.3b`, `wan-14b`) are data: partial dicts
+merged over the defaults. The resolved config is saved as YAML beside every checkpoint and run, and
+every command accepts `--config FILE` and `--set a.b=value` overrides on top of a preset.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file, preset name or override that cannot be used; the message says which and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DiTConfig(_Section):
+    """WanDiT architecture. Defaults are LiveTalk's 1.3B student (merged OmniAvatar-1.3B layout)."""
+
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    in_dim: int = 33  # 16 noisy latent + 16 reference-image latent + 1 mask channel
+    out_dim: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    use_audio: bool = True
+    audio_feature_dim: int = 10752  # wav2vec2 last_hidden_state + 13 hidden states, 14 x 768
+    audio_hidden_size: int = 32
+    audio_frames_per_latent: int = 4  # AudioPack packs 4 video frames per latent frame
+
+    @model_validator(mode="after")
+    def _check(self) -> DiTConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for rotary embeddings")
+        if self.num_layers < 2:
+            raise ValueError("num_layers must be at least 2")
+        return self
+
+
+class CacheConfig(_Section):
+    """Block-causal streaming: block size and the KV window with Anchor-Heavy Identity Sinks."""
+
+    frames_per_block: int = 3
+    local_attn_size: int = 15  # latent frames visible to a query, anchors included (LiveTalk: 15)
+    sink_size: int = 9  # permanent anchor frames, frame 0 = reference latent (LiveTalk: 9)
+    context_noise: float = 0.0  # timestep of the clean-context refill pass after each block
+
+    @model_validator(mode="after")
+    def _check(self) -> CacheConfig:
+        if self.sink_size % self.frames_per_block or self.local_attn_size % self.frames_per_block:
+            raise ValueError("sink_size and local_attn_size must be multiples of frames_per_block")
+        if self.local_attn_size < self.sink_size + self.frames_per_block:
+            raise ValueError("local_attn_size must leave room for one block beside the sinks")
+        return self
+
+
+class VideoConfig(_Section):
+    fps: int = 16
+    height: int = 512
+    width: int = 512
+
+
+class VAEConfig(_Section):
+    """Wan VAE. `path` names a local `Wan2.1_VAE.pth` or diffusers directory; None builds from `arch`."""
+
+    path: str | None = None
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    temperal_downsample: list[bool] = Field(default_factory=lambda: [False, True, True])
+    # Per-channel latent normalisation; None takes diffusers' Wan 2.1 defaults.
+    latents_mean: list[float] | None = None
+    latents_std: list[float] | None = None
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_factor(self) -> int:
+        return 2 ** sum(self.temperal_downsample)
+
+
+class AudioEncoderConfig(_Section):
+    """wav2vec2 → per-video-frame features. `path` is a local HF directory; None builds the tiny config."""
+
+    path: str | None = None
+    sample_rate: int = 16000
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    # Streaming windows: seconds of audio before the block (left context) and after it (lookahead).
+    left_context_s: float = 2.0
+    lookahead_s: float = 0.5
+
+    @property
+    def feature_dim(self) -> int:
+        return self.hidden_size * (self.num_hidden_layers + 2)  # last_hidden_state + all hidden states
+
+
+class TextEncoderConfig(_Section):
+    """umT5 encoder. `path` is a local HF directory with tokenizer; None builds the tiny byte-level one."""
+
+    path: str | None = None
+    max_length: int = 512
+    d_model: int = 4096
+    num_layers: int = 24
+    num_heads: int = 64
+    d_ff: int = 10240
+    negative_prompt: str = ""
+
+
+class SamplerConfig(_Section):
+    """Flow-matching schedule and samplers (teacher CFG; few-step student)."""
+
+    shift: float = 5.0
+    num_train_timesteps: int = 1000
+    student_timesteps: list[float] = Field(default_factory=lambda: [1000.0, 937.5, 833.3333, 625.0])
+    teacher_steps: int = 48
+    text_guidance: float = 5.0
+    audio_guidance: float = 5.0
+
+
+class RuntimeConfig(_Section):
+    device: str = "auto"  # auto → cuda when available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
+    seed: int = 0
+
+
+class LiveTalkConfig(_Section):
+    preset: str = "wan-1.3b"
+    model: DiTConfig = Field(default_factory=DiTConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    vae: VAEConfig = Field(default_factory=VAEConfig)
+    audio: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> LiveTalkConfig:
+        if self.model.use_audio and self.model.audio_feature_dim != self.audio.feature_dim:
+            raise ValueError(
+                f"model.audio_feature_dim={self.model.audio_feature_dim} but the audio encoder gives "
+                f"{self.audio.feature_dim} (= hidden_size x (num_hidden_layers + 2))"
+            )
+        if self.model.text_dim != self.text.d_model:
+            raise ValueError(f"model.text_dim={self.model.text_dim} but text.d_model={self.text.d_model}")
+        if self.model.in_dim != 2 * self.vae.z_dim + 1 or self.model.out_dim != self.vae.z_dim:
+            raise ValueError("model.in_dim must be 2*vae.z_dim+1 and model.out_dim must be vae.z_dim")
+        factor = self.vae.spatial_factor * self.model.patch_size[1]
+        if self.video.height % factor or self.video.width % factor:
+            raise ValueError(f"video height/width must be multiples of {factor} (VAE x patch)")
+        if self.model.audio_frames_per_latent != self.vae.temporal_factor:
+            raise ValueError("model.audio_frames_per_latent must equal the VAE's temporal factor")
+        return self
+
+    # Derived sizes, computed rather than stored so they cannot disagree.
+    @property
+    def latent_height(self) -> int:
+        return self.video.height // self.vae.spatial_factor
+
+    @property
+    def latent_width(self) -> int:
+        return self.video.width // self.vae.spatial_factor
+
+    @property
+    def tokens_per_frame(self) -> int:
+        p = self.model.patch_size
+        return (self.latent_height // p[1]) * (self.latent_width // p[2])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+# Presets are partial dicts over the defaults above (which are the 1.3B student's).
+PRESETS: dict[str, dict[str, Any]] = {
+    "wan-1.3b": {},
+    "wan-14b": {"model": {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}},
+    # Same architecture at CPU-trainable sizes: 64x64 video, 8x8 latents, 16 tokens per latent frame.
+    "toy": {
+        "model": {
+            "dim": 128, "ffn_dim": 256, "num_heads": 4, "num_layers": 6,
+            "text_dim": 64, "audio_feature_dim": 32 * 4, "audio_hidden_size": 16,
+        },
+        "video": {"height": 64, "width": 64},
+        "vae": {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},
+        "audio": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
+        "text": {"max_length": 32, "d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128},
+        "runtime": {"dtype": "float32"},
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {item!r} has an empty key")
+    return keys, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"{where}: {e['msg']}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def load_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
+) -> LiveTalkConfig:
+    """Preset (default `toy`, or the file's own `preset`) ← YAML file ← `a.b=value` overrides."""
+    file_data: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            file_data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(file_data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    name = preset or file_data.get("preset") or "toy"
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    data = _deep_merge({"preset": name}, PRESETS[name])
+    data = _deep_merge(data, {k: v for k, v in file_data.items() if k != "preset"})
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    try:
+        return LiveTalkConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def resolve_device(cfg: RuntimeConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_dtype(cfg: RuntimeConfig, device: str) -> Any:
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, cfg.dtype)

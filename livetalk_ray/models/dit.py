@@ -1,0 +1,310 @@
+"""WanDiT: LiveTalk's audio-conditioned Wan diffusion transformer, bidirectional or block-causal.
+
+One readable file: embeddings, attention, block, head, then the two forward paths — the masked
+full-sequence forward (training, teacher, critic) and the cached block-by-block forward (streaming).
+Parameter names are the original Wan layout of LiveTalk's released `model.safetensors`; the module holds
+no persistent buffers, so `state_dict()` is exactly the released tensors.
+
+Shapes: latents are [B, C, F, H, W] (Wan's order); `y` is the reference latent repeated over frames plus
+a mask channel [B, C+1, F, H, W]; `context` is raw text-encoder output [B, L, text_dim]; `audio` is
+wav2vec2 features grouped per latent frame [B, F, 4, audio_feature_dim] (see `group_audio_frames`).
+The output is the flow prediction v = noise - x0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from livetalk_ray.config import DiTConfig
+from livetalk_ray.models.kv_cache import CacheView, KVCache
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding: cos then sin, computed in float64 from the raw timestep in [0, 1000]."""
+    half = dim // 2
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
+    angles = torch.outer(t.flatten().to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Wan splits each head into time / height / width parts (128 → 44, 42, 42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_angles(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Rotation angles [len(t_pos)*h*w, head_dim/2] for frames at time indices `t_pos` on an h x w grid.
+
+    Computed from positions rather than sliced from a table, so positions are unbounded."""
+    dims = rope_axis_dims(head_dim)
+    positions = (t_pos.to(torch.float64), torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64))
+    per_axis = []
+    for d, pos in zip(dims, positions, strict=True):
+        inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+        per_axis.append(torch.outer(pos, inv))
+    f = len(t_pos)
+    return torch.cat(
+        [
+            per_axis[0][:, None, None].expand(f, h, w, -1),
+            per_axis[1][None, :, None].expand(f, h, w, -1),
+            per_axis[2][None, None, :].expand(f, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(f * h * w, head_dim // 2)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] by angles [S, head_dim/2]."""
+    cos = torch.cos(angles).to(device=x.device, dtype=torch.float32)[None, :, None]
+    sin = torch.sin(angles).to(device=x.device, dtype=torch.float32)[None, :, None]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    re, im = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def block_causal_mask(num_frames: int, frames_per_block: int, tokens_per_frame: int, device) -> torch.Tensor:
+    """Boolean [S, S] mask: a query sees every key of its own block and of all earlier blocks."""
+    block = torch.arange(num_frames, device=device) // frames_per_block
+    block = block.repeat_interleave(tokens_per_frame)
+    return block[None, :] <= block[:, None]
+
+
+def group_audio_frames(features: torch.Tensor, frames_per_latent: int = 4) -> torch.Tensor:
+    """Per-video-frame features [B, T, D] (T = 4k+1) → per-latent-frame groups [B, k+1, 4, D].
+
+    Frame 0 is repeated so latent frame 0 sees video frame 0 four times and latent frame j sees video
+    frames 4j-3 … 4j, matching the Wan VAE's causal temporal grouping."""
+    if (features.shape[1] - 1) % frames_per_latent:
+        raise ValueError(f"audio frame count {features.shape[1]} is not {frames_per_latent}k+1")
+    padded = torch.cat([features[:, :1].expand(-1, frames_per_latent - 1, -1), features], dim=1)
+    return padded.unflatten(1, (-1, frames_per_latent))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        q_angles: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor, CacheView, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        heads = (self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).unflatten(-1, heads)
+        k = self.norm_k(self.k(x)).unflatten(-1, heads)
+        v = self.v(x).unflatten(-1, heads)
+        if cache is not None:
+            # Un-rotated keys go into this block's slots; RoPE is applied at read time from positions.
+            k_cache, v_cache, view, k_angles = cache
+            end = view.write_start + x.shape[1]
+            k_cache[:, view.write_start : end] = k.detach().to(k_cache.dtype)
+            v_cache[:, view.write_start : end] = v.detach().to(v_cache.dtype)
+            past_k = apply_rope(k_cache[:, view.read_tokens].to(q.dtype), k_angles)
+            k = torch.cat([past_k, apply_rope(k, q_angles)], dim=1)
+            v = torch.cat([v_cache[:, view.read_tokens].to(q.dtype), v], dim=1)
+        else:
+            k = apply_rope(k, q_angles)
+        q = apply_rope(q, q_angles)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = (self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = kv
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.o(out.transpose(1, 2).flatten(2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        dim = cfg.dim
+        self.self_attn = SelfAttention(dim, cfg.num_heads, cfg.eps)
+        self.cross_attn = CrossAttention(dim, cfg.num_heads, cfg.eps)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.eps, elementwise_affine=False)
+        self.norm3 = nn.LayerNorm(dim, eps=cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, x, t_mod, text_kv, q_angles, mask=None, cache=None) -> torch.Tensor:
+        # x [B, F, HW, dim]; t_mod [B, F, 6, dim]: each frame carries its own noise level.
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.modulation.unsqueeze(1) + t_mod
+        ).chunk(6, dim=2)
+        h = self.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + self.self_attn(h.flatten(1, 2), q_angles, mask, cache).view_as(x) * gate_msa
+        x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view_as(x)
+        h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return x + self.ffn(h) * gate_mlp
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.unsqueeze(1) + t_emb.unsqueeze(2)).chunk(2, dim=2)
+        return self.head(self.norm(x) * (1 + scale) + shift)
+
+
+class AudioPack(nn.Module):
+    """Packs the 4 video frames of a latent frame into one vector (frame-major) → Linear → LayerNorm."""
+
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Linear(cfg.audio_feature_dim * cfg.audio_frames_per_latent, cfg.audio_hidden_size)
+        self.norm_out = nn.LayerNorm(cfg.audio_hidden_size)
+
+    def forward(self, grouped: torch.Tensor) -> torch.Tensor:
+        return self.norm_out(self.proj(grouped.flatten(2)))
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, *, causal: bool = True, frames_per_block: int = 3) -> None:
+        super().__init__()
+        self.cfg, self.causal, self.frames_per_block = cfg, causal, frames_per_block
+        dim = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.use_audio:
+            self.audio_proj = AudioPack(cfg)
+            # Audio is added to the residual stream before blocks 2 … L/2.
+            self.audio_cond_projs = nn.ModuleList(
+                nn.Linear(cfg.audio_hidden_size, dim) for _ in range(cfg.num_layers // 2 - 1)
+            )
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Wan's initialisation (a no-op on the meta device)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    # ---- shared pieces of both forward paths ----
+    def _embed(self, x, t, y, audio):
+        """Patchify and embed; returns tokens [B, F, HW, dim], time modulation, audio per layer, grid."""
+        B, _, nf, _, _ = x.shape
+        tokens = self.patch_embedding(torch.cat([x, y.to(x.dtype)], dim=1))
+        _, _, f, h, w = tokens.shape
+        tokens = tokens.flatten(3).transpose(1, 2).transpose(2, 3)  # [B, F, HW, dim]
+        t = t.expand(B, nf) if t.dim() == 2 else t[:, None].expand(B, nf)
+        wdtype = self.time_embedding[0].weight.dtype
+        t_emb = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t).to(wdtype)).unflatten(0, (B, nf))
+        t_mod = self.time_projection(t_emb).unflatten(2, (6, self.cfg.dim))
+        audio_per_layer = None
+        if self.cfg.use_audio:
+            if audio is None:  # the "no audio" branch of CFG: zero features, as OmniAvatar/LiveTalk
+                audio = x.new_zeros(B, nf, self.cfg.audio_frames_per_latent, self.cfg.audio_feature_dim)
+            packed = self.audio_proj(audio.to(wdtype))  # [B, F, hidden]
+            audio_per_layer = [proj(packed)[:, :, None] for proj in self.audio_cond_projs]
+        return tokens, t_emb, t_mod, audio_per_layer, (f, h, w)
+
+    def _run_blocks(self, tokens, t_mod, text_kvs, audio_per_layer, q_angles, mask=None, cache=None, view=None,
+                    k_angles=None):
+        for i, block in enumerate(self.blocks):
+            if audio_per_layer is not None and 2 <= i <= len(self.blocks) // 2:
+                tokens = tokens + audio_per_layer[i - 2]
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], view, k_angles)
+            tokens = block(tokens, t_mod, text_kvs[i], q_angles, mask, layer_cache)
+        return tokens
+
+    def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
+        return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw)
+
+    def text_kvs(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
+        return [block.cross_attn.text_kv(ctx) for block in self.blocks]
+
+    # ---- forward paths ----
+    def forward(self, x, t, context, y, audio=None, frame_start: int = 0) -> torch.Tensor:
+        """Full-sequence forward: block-causal mask if `self.causal`, otherwise bidirectional.
+
+        `t` is [B] or per frame [B, F]; `frame_start` offsets the RoPE time index of the first frame."""
+        tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
+        f, h, w = grid
+        angles = rope_angles(self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta,
+                             torch.arange(frame_start, frame_start + f), h, w)
+        mask = block_causal_mask(f, self.frames_per_block, h * w, x.device) if self.causal else None
+        tokens = self._run_blocks(tokens, t_mod, self.text_kvs(context), audio_per_layer, angles, mask)
+        return self._unpatchify(self.head(tokens, t_emb), grid)
+
+    def forward_cached(self, x, t, context, y, cache: KVCache, frame_start: int, audio=None) -> torch.Tensor:
+        """One block through the KV cache: its keys/values are written, then it attends to the window.
+
+        Text K/V are computed on the first call and reused until `cache.reset_text()`."""
+        if not self.causal:
+            raise ValueError("the cached forward needs a block-causal model (causal=True)")
+        tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
+        f, h, w = grid
+        if cache.cross[0] is None:
+            cache.cross = self.text_kvs(context)
+        view = cache.prepare(frame_start, f)
+        head_dim = self.cfg.dim // self.cfg.num_heads
+        q_angles = rope_angles(head_dim, self.cfg.rope_theta, view.query_positions, h, w)
+        k_angles = rope_angles(head_dim, self.cfg.rope_theta, view.read_positions, h, w)
+        tokens = self._run_blocks(tokens, t_mod, cache.cross, audio_per_layer, q_angles, None, cache, view, k_angles)
+        return self._unpatchify(self.head(tokens, t_emb), grid)
+
+    def new_cache(self, batch_size: int, tokens_per_frame: int, window_frames: int, sink_frames: int,
+                  position_mode="absolute", device=None, dtype=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(
+            num_layers=self.cfg.num_layers, batch_size=batch_size, num_heads=self.cfg.num_heads,
+            head_dim=self.cfg.dim // self.cfg.num_heads, tokens_per_frame=tokens_per_frame,
+            frames_per_block=self.frames_per_block, window_frames=window_frames, sink_frames=sink_frames,
+            position_mode=position_mode, device=device or p.device, dtype=dtype or p.dtype,
+        )
