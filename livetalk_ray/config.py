@@ -60,6 +60,9 @@ class CacheConfig(_Section):
     local_attn_size: int = 15  # latent frames visible to a query, anchors included (LiveTalk: 15)
     sink_size: int = 9  # permanent anchor frames, frame 0 = reference latent (LiveTalk: 9)
     context_noise: float = 0.0  # timestep of the clean-context refill pass after each block
+    # RoPE time index of cached frames: "absolute" as LiveTalk ships it, or "rebased" (the window is
+    # renumbered 0..n-1 at every block, so anchors never drift away from the queries). See kv_cache.py.
+    rope_positions: Literal["absolute", "rebased"] = "absolute"
 
     @model_validator(mode="after")
     def _check(self) -> CacheConfig:
@@ -133,10 +136,13 @@ class SamplerConfig(_Section):
 
     shift: float = 5.0
     num_train_timesteps: int = 1000
-    student_timesteps: list[float] = Field(default_factory=lambda: [1000.0, 937.5, 833.3333, 625.0])
+    student_steps: int = 4  # shifted schedule: t = [1000, 937.5, 833.3, 625] for 4 steps, shift 5
+    student_timesteps: list[float] | None = None  # an explicit list overrides it (LiveTalk trains on 1000/936/832/624)
     teacher_steps: int = 48
-    text_guidance: float = 5.0
-    audio_guidance: float = 5.0
+    # Standard CFG scales: v = v_u + g_text·(v_text - v_u) + g_audio·(v_cond - v_text). LiveTalk's DMD
+    # "5" is written cond + 5·(cond - uncond), i.e. 6 in this convention.
+    text_guidance: float = 6.0
+    audio_guidance: float = 6.0
 
 
 class RuntimeConfig(_Section):

@@ -1,0 +1,1 @@
+"""Flow-matching math and the samplers built on the models."""

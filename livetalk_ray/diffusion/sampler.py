@@ -1,0 +1,158 @@
+"""Samplers: the teacher's many-step CFG sampler and the few-step block-autoregressive StreamingSampler.
+
+Conditioning shared by both: `y` = the reference latent repeated over frames plus a mask channel that is
+0 on latent frame 0 (known) and 1 elsewhere; latent frame 0 of the noisy input is overwritten with the
+clean reference latent before every step of the first block.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.diffusion.flow import FlowSchedule
+from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.models.kv_cache import KVCache
+
+
+def reference_condition(ref_latent: torch.Tensor, num_frames: int, frame_start: int = 0) -> torch.Tensor:
+    """y for latent frames [frame_start, frame_start+num_frames): ref latent [B, C, 1, h, w] + mask."""
+    lat = ref_latent.expand(-1, -1, num_frames, -1, -1)
+    mask = torch.ones_like(lat[:, :1])
+    if frame_start == 0:
+        mask[:, :, 0] = 0
+    return torch.cat([lat, mask], dim=1)
+
+
+def guided_velocity(model: WanDiT, x, t, y, cond_text, uncond_text, audio, g_text: float, g_audio: float):
+    """CFG with separate text and audio scales; unconditional = negative prompt and zero audio.
+
+    Two passes when the scales are equal, otherwise three (text-only pass in between)."""
+    v_cond = model(x, t, cond_text, y, audio)
+    v_uncond = model(x, t, uncond_text, y, None)
+    if g_text == g_audio:
+        return v_uncond + g_text * (v_cond - v_uncond)
+    v_text = model(x, t, cond_text, y, None)
+    return v_uncond + g_text * (v_text - v_uncond) + g_audio * (v_cond - v_text)
+
+
+@torch.no_grad()
+def sample_teacher(
+    model: WanDiT,
+    cfg: LiveTalkConfig,
+    noise: torch.Tensor,
+    ref_latent: torch.Tensor,
+    text: torch.Tensor,
+    negative_text: torch.Tensor,
+    audio: torch.Tensor | None,
+    num_steps: int | None = None,
+    keep_timesteps: list[float] | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Euler flow sampler with CFG over the whole clip (bidirectional teacher).
+
+    Returns the final latent and the states at `keep_timesteps` (those must lie on the step grid; the
+    ODE-initialisation stage keeps the student's timesteps)."""
+    schedule = FlowSchedule(cfg.sampler)
+    steps = num_steps or cfg.sampler.teacher_steps
+    sigmas = torch.cat([schedule.sigmas(steps), torch.zeros(1, dtype=torch.float64)])
+    keep = {round(float(t), 3) for t in keep_timesteps or []}
+    y = reference_condition(ref_latent, noise.shape[2])
+    x, kept = noise.clone(), []
+    for i in range(steps):
+        x[:, :, :1] = ref_latent
+        t = (sigmas[i] * schedule.num_train_timesteps).float()
+        if round(float(t), 3) in keep:
+            kept.append(x.clone())
+        tt = t.expand(x.shape[0]).to(x.device)
+        v = guided_velocity(model, x, tt, y, text, negative_text, audio,
+                            cfg.sampler.text_guidance, cfg.sampler.audio_guidance)
+        x = x + (sigmas[i + 1] - sigmas[i]).item() * v
+    x[:, :, :1] = ref_latent
+    if len(kept) != len(keep):
+        raise ValueError(f"keep_timesteps {sorted(keep)} are not all on the {steps}-step grid")
+    return x, kept
+
+
+@dataclass
+class StreamState:
+    """Everything one stream carries between blocks."""
+
+    cache: KVCache
+    ref_latent: torch.Tensor  # [B, C, 1, h, w], clean
+    text: torch.Tensor  # raw text-encoder output [B, L, text_dim]
+    generator: torch.Generator
+    block_index: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StreamingSampler:
+    """Few-step block-autoregressive generation with the KV cache (LiveTalk's inference loop).
+
+    Per block: fresh noise → `student_steps` denoising steps with fresh-noise re-noising between them →
+    one more pass at t = context_noise on the clean block to rewrite its KV entries (refill)."""
+
+    def __init__(self, model: WanDiT, cfg: LiveTalkConfig) -> None:
+        self.model, self.cfg = model.eval(), cfg
+        self.schedule = FlowSchedule(cfg.sampler)
+        steps = cfg.sampler.student_timesteps or self.schedule.timesteps(cfg.sampler.student_steps).tolist()
+        self.timesteps = [float(t) for t in steps]
+        self.fpb = cfg.cache.frames_per_block
+
+    def start(self, ref_latent: torch.Tensor, text: torch.Tensor, seed: int = 0) -> StreamState:
+        p = next(self.model.parameters())
+        cache = self.model.new_cache(
+            ref_latent.shape[0], self.cfg.tokens_per_frame, self.cfg.cache.local_attn_size,
+            self.cfg.cache.sink_size, self.cfg.cache.rope_positions,
+        )
+        gen = torch.Generator(device=p.device).manual_seed(seed)
+        return StreamState(cache, ref_latent.to(p.device, p.dtype), text.to(p.device, p.dtype), gen)
+
+    @staticmethod
+    def set_prompt(state: StreamState, text: torch.Tensor) -> None:
+        """Switch the text condition (e.g. a new motion prompt per turn) from the next block on."""
+        state.text = text.to(state.text.device, state.text.dtype)
+        state.cache.reset_text()
+
+    def _sync(self) -> float:
+        if next(self.model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @torch.no_grad()
+    def next_block(self, state: StreamState, audio: torch.Tensor | None) -> torch.Tensor:
+        """Generate the next block of latents [B, C, fpb, h, w]; `audio` is grouped [B, fpb, 4, D].
+
+        Per-phase seconds of this block go to `state.timings` (denoise, refill)."""
+        ref, fpb = state.ref_latent, self.fpb
+        start = state.block_index * fpb
+        B, C, _, h, w = ref.shape
+        y = reference_condition(ref, fpb, start)
+        noise_shape = (B, C, fpb, h, w)
+        x = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
+        t0 = self._sync()
+        for i, t in enumerate(self.timesteps):
+            if start == 0:
+                x[:, :, :1] = ref
+            tt = torch.full((B, fpb), t, device=ref.device)
+            v = self.model.forward_cached(x, tt, state.text, y, state.cache, start, audio)
+            x0 = self.schedule.x0_from_v(x, v, t / self.schedule.num_train_timesteps)
+            if i + 1 < len(self.timesteps):
+                eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
+                x = self.schedule.add_noise(x0, eps, self.timesteps[i + 1] / self.schedule.num_train_timesteps)
+        if start == 0:
+            x0[:, :, :1] = ref
+        t1 = self._sync()
+        context_t = self.cfg.cache.context_noise
+        clean = x0
+        if context_t > 0:
+            eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
+            clean = self.schedule.add_noise(x0, eps, context_t / self.schedule.num_train_timesteps)
+        self.model.forward_cached(clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y,
+                                  state.cache, start, audio)
+        t2 = self._sync()
+        state.timings = {"denoise": t1 - t0, "refill": t2 - t1}
+        state.block_index += 1
+        return x0

@@ -1,0 +1,337 @@
+"""wav2vec2 audio features per video frame (LiveTalk / OmniAvatar semantics), whole-clip and streaming.
+
+Time convention: video frame i sits at time i/fps, so a clip of N frames spans (N-1)/fps seconds of audio
+(LiveTalk trims audio to (4F-4)/fps seconds for 4F-3 frames). `encode` resamples the ~50 Hz CNN features
+to exactly N positions *before* the transformer, which therefore runs at the video frame rate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from livetalk_ray.config import AudioEncoderConfig
+
+_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used (missing, unreadable, empty, NaN); the message names the file or input."""
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+    """Band-limited resampling of a mono float32 signal through libswresample (no scipy/torchaudio)."""
+    if sr == target:
+        return x
+    import av
+
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=target)
+    outs: list[np.ndarray] = []
+    for i in range(0, len(x), 1 << 16):  # bounded frame size; the resampler keeps its state across chunks
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, i : i + (1 << 16)]), "fltp", "mono")
+        frame.sample_rate = sr
+        outs += [f.to_ndarray()[0] for f in resampler.resample(frame)]
+    outs += [f.to_ndarray()[0] for f in resampler.resample(None)]  # flush the filter tail
+    return np.concatenate(outs).astype(np.float32) if outs else np.zeros(0, np.float32)
+
+
+def _decode_av(path: Path) -> tuple[np.ndarray, int]:
+    """Any container/codec FFmpeg knows (mp3, m4a, mp4 ...) → ([C, N] float32, sample rate)."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise AudioError(f"no audio stream in {path}")
+        stream = container.streams.audio[0]
+        to_float = av.AudioResampler(format="fltp")  # keeps layout and rate; only converts the sample format
+        chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
+        chunks += [f.to_ndarray() for f in to_float.resample(None)]
+        sr = stream.rate or stream.codec_context.sample_rate
+    if not chunks:
+        return np.zeros((1, 0), np.float32), int(sr or 16000)
+    return np.concatenate(chunks, axis=1).astype(np.float32), int(sr)
+
+
+def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
+    """Read an audio file as float32 mono at `sample_rate`; wav/flac/ogg via soundfile, the rest via PyAV."""
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    data: np.ndarray | None = None
+    if path.suffix.lower() in _SOUNDFILE_EXTS:
+        try:
+            raw, sr = sf.read(str(path), dtype="float32", always_2d=True)
+            data = raw.T  # [C, N]
+        except (sf.LibsndfileError, RuntimeError):
+            data = None  # e.g. a codec libsndfile lacks: let FFmpeg try before giving up
+    if data is None:
+        import av
+
+        try:
+            data, sr = _decode_av(path)
+        except AudioError:
+            raise
+        except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+            raise AudioError(f"not a readable audio file: {path} ({type(exc).__name__})") from None
+    if data.shape[1] == 0:
+        raise AudioError(f"audio file has no samples: {path}")
+    mono = data.mean(axis=0)  # plain average downmix, identical for both decoders
+    finite = np.isfinite(mono)
+    if not finite.any():
+        raise AudioError(f"audio file contains only NaN/inf samples: {path}")
+    mono = np.where(finite, mono, 0.0).astype(np.float32)  # isolated bad samples become silence
+    return _resample_mono(mono, int(sr), sample_rate)
+
+
+# ----------------------------------------------------------------------------------------------- encoder
+def _tiny_wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
+    return Wav2Vec2Config(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size,
+        conv_dim=(32,) * 7,  # small CNN, but the standard strides/kernels keep the ~50 Hz frame rate
+        conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        conv_kernel=(10, 3, 3, 3, 3, 2, 2),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="group",  # wav2vec2-base-960h layout
+        do_stable_layer_norm=False,
+        mask_time_prob=0.0,  # no SpecAugment parameter: this model is only ever used frozen
+        layerdrop=0.0,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        feat_proj_dropout=0.0,
+    )
+
+
+class AudioEncoder:
+    """Frozen wav2vec2 giving `cfg.feature_dim` features per video frame."""
+
+    def __init__(
+        self,
+        model: Wav2Vec2Model,
+        feature_extractor: Wav2Vec2FeatureExtractor,
+        cfg: AudioEncoderConfig,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.feature_extractor = feature_extractor
+        self.sample_rate = int(feature_extractor.sampling_rate)
+        # Shortest input the CNN accepts (its receptive field: 400 samples for the standard stack).
+        conf = model.config
+        self.min_samples, jump = 1, 1
+        for k, s in zip(conf.conv_kernel, conf.conv_stride, strict=True):
+            self.min_samples += (k - 1) * jump
+            jump *= s
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size * (self.model.config.num_hidden_layers + 2)
+
+    def normalize(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The feature extractor's zero-mean/unit-variance step, done in fp32 torch on `device`."""
+        x = torch.as_tensor(wave).to(self.device, torch.float32)
+        if x.ndim != 1:
+            raise AudioError(f"expected a 1-D mono waveform, got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise AudioError("empty waveform")
+        if not torch.isfinite(x).all():
+            raise AudioError("waveform contains NaN or inf")
+        if self.feature_extractor.do_normalize:
+            x = (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-7)
+        return x
+
+    @torch.no_grad()
+    def encode(self, wave: torch.Tensor | np.ndarray, num_frames: int) -> torch.Tensor:
+        """16 kHz mono wave → [num_frames, feature_dim] (last_hidden_state ‖ all hidden states)."""
+        return self.encode_normalized(self.normalize(wave), num_frames)
+
+    @torch.no_grad()
+    def encode_normalized(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """`encode` for an already normalised 1-D wave (the streaming path pads after normalising)."""
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        if x.numel() < self.min_samples:
+            x = F.pad(x, (0, self.min_samples - x.numel()))  # padded silence, as after normalisation
+        m = self.model
+        feats = m.feature_extractor(x[None].to(self.dtype))  # [1, C, T_cnn] at ~50 Hz
+        # LiveTalk/OmniAvatar: resample CNN features to the video frame count before the transformer.
+        feats = F.interpolate(feats.float(), size=num_frames, mode="linear", align_corners=True)
+        hidden, _ = m.feature_projection(feats.to(self.dtype).transpose(1, 2))
+        return self._transformer(hidden)[0]
+
+    def _transformer(self, hidden: torch.Tensor) -> torch.Tensor:
+        # The encoder's own loop, unrolled so every hidden state is kept without hooks (thread-safe) and
+        # in the order HF reports them: embedding output, then each layer's output.
+        enc = self.model.encoder
+        hidden = hidden + enc.pos_conv_embed(hidden)
+        stable = self.model.config.do_stable_layer_norm
+        if not stable:
+            hidden = enc.layer_norm(hidden)
+        states = [hidden]
+        for layer in enc.layers:
+            hidden = layer(hidden, attention_mask=None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+            states.append(hidden)
+        last = enc.layer_norm(hidden) if stable else hidden
+        return torch.cat([last, *states], dim=-1)
+
+
+def build_audio_encoder(
+    cfg: AudioEncoderConfig,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> AudioEncoder:
+    """Tiny seeded random wav2vec2 when `cfg.path` is None, else weights + extractor from a local dir."""
+    if cfg.path is None:
+        with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+            torch.manual_seed(seed)
+            model = Wav2Vec2Model(_tiny_wav2vec2_config(cfg))
+        extractor = Wav2Vec2FeatureExtractor(
+            feature_size=1, sampling_rate=cfg.sample_rate, padding_value=0.0, do_normalize=True
+        )
+    else:
+        path = Path(cfg.path)
+        if not path.is_dir():
+            raise AudioError(f"audio.path is not a local directory: {path}")
+        model = Wav2Vec2Model.from_pretrained(str(path), dtype=dtype)
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(path))
+        got = (model.config.hidden_size, model.config.num_hidden_layers)
+        if got != (cfg.hidden_size, cfg.num_hidden_layers):
+            raise AudioError(
+                f"{path} has hidden_size/num_hidden_layers {got} but the config says "
+                f"{(cfg.hidden_size, cfg.num_hidden_layers)}; fix audio.* so feature_dim matches"
+            )
+    if int(extractor.sampling_rate) != cfg.sample_rate:
+        raise AudioError(f"feature extractor expects {extractor.sampling_rate} Hz, config {cfg.sample_rate}")
+    return AudioEncoder(model, extractor, cfg, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- streaming
+class StreamingAudioFeatures:
+    """Per-block features from a growing waveform, each block encoded in its own context window.
+
+    Frames [f0, f1) are encoded inside the window [f0 - L, f1 + A) of video frames (L, A = left context
+    and lookahead in frames), with the CNN features interpolated to the window's frame count, and only the
+    block's frames are returned. Start: the window is clipped at frame 0, so early blocks simply have less
+    left context (exactly like the whole-clip encoding, which also starts there). End: audio the window
+    needs but which has not been pushed is zero-padded *after* normalisation (silence), so `features`
+    never fails; call `ready`/`samples_needed` to know whether waiting for more audio would change the
+    result, and `finish()` once the speaker stops (then missing audio is final silence).
+    """
+
+    def __init__(
+        self,
+        encoder: AudioEncoder,
+        fps: float,
+        *,
+        left_context_s: float | None = None,
+        lookahead_s: float | None = None,
+        latent_frames_per_block: int = 3,
+        frames_per_latent: int = 4,
+        wave: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        cfg = encoder.cfg
+        self.encoder = encoder
+        self.fps = float(fps)
+        self.left_frames = round((cfg.left_context_s if left_context_s is None else left_context_s) * fps)
+        self.lookahead_frames = round((cfg.lookahead_s if lookahead_s is None else lookahead_s) * fps)
+        self.latent_frames_per_block = latent_frames_per_block
+        self.frames_per_latent = frames_per_latent
+        self._chunks: list[np.ndarray] = []
+        self._buf = np.zeros(0, np.float32)
+        self._base = 0  # absolute index of _buf[0]; earlier samples were dropped by `forget_before`
+        self._pushed = 0
+        self.finished = False
+        if wave is not None:
+            self.push(wave)
+            self.finish()
+
+    # -- feeding
+    def push(self, samples: torch.Tensor | np.ndarray) -> None:
+        """Append 16 kHz mono samples (any length, including 0)."""
+        if self.finished:
+            raise AudioError("push after finish()")
+        x = np.asarray(torch.as_tensor(samples).detach().float().cpu().numpy(), np.float32).reshape(-1)
+        if not np.isfinite(x).all():
+            raise AudioError("pushed audio contains NaN or inf")
+        self._chunks.append(x)
+        self._pushed += len(x)
+
+    def finish(self) -> None:
+        """No more audio: windows past the end are completed with silence for good."""
+        self.finished = True
+
+    @property
+    def num_samples(self) -> int:
+        return self._pushed
+
+    def _samples(self) -> np.ndarray:
+        if self._chunks:
+            self._buf = np.concatenate([self._buf, *self._chunks])
+            self._chunks = []
+        return self._buf
+
+    # -- geometry
+    def sample_index(self, frame: int) -> int:
+        return round(frame * self.encoder.sample_rate / self.fps)
+
+    def window(self, f0: int, f1: int) -> tuple[int, int]:
+        return max(0, f0 - self.left_frames), f1 + self.lookahead_frames
+
+    def samples_needed(self, f0: int, f1: int) -> int:
+        """Total samples pushed before frames [f0, f1) get their full lookahead."""
+        return self.sample_index(self.window(f0, f1)[1] - 1)
+
+    def block_frames(self, k: int) -> tuple[int, int]:
+        """Video frames of latent block k (latent 0 = frame 0; latent j>=1 = frames r*j-r+1 .. r*j)."""
+        r, n = self.frames_per_latent, self.latent_frames_per_block
+        return (0 if k == 0 else r * k * n - (r - 1)), r * (k + 1) * n - (r - 1)
+
+    def samples_needed_for_block(self, k: int) -> int:
+        return self.samples_needed(*self.block_frames(k))
+
+    def ready(self, k: int) -> bool:
+        return self.finished or self._pushed >= self.samples_needed_for_block(k)
+
+    # -- features
+    def features(self, f0: int, f1: int) -> torch.Tensor:
+        """[f1 - f0, feature_dim] for video frames [f0, f1), zero-padding audio that is not there yet."""
+        if not 0 <= f0 < f1:
+            raise ValueError(f"bad frame range [{f0}, {f1})")
+        w0, w1 = self.window(f0, f1)
+        s0, s1 = self.sample_index(w0), self.sample_index(w1 - 1)
+        if s0 < self._base:
+            raise ValueError(f"frames from {w0} were already forgotten (forget_before)")
+        buf = self._samples()
+        real = buf[s0 - self._base : s1 - self._base]
+        enc = self.encoder
+        if len(real):
+            x = enc.normalize(real)  # statistics of the real audio only: padding must not skew them
+        else:
+            x = torch.zeros(0, device=enc.device)
+        x = F.pad(x, (0, (s1 - s0) - x.numel()))
+        return enc.encode_normalized(x, w1 - w0)[f0 - w0 : f1 - w0]
+
+    def block(self, k: int) -> torch.Tensor:
+        return self.features(*self.block_frames(k))
+
+    def forget_before(self, frame: int) -> None:
+        """Drop audio no window for frames >= `frame` needs (keeps memory bounded on long streams)."""
+        keep_from = self.sample_index(self.window(frame, frame + 1)[0])
+        buf = self._samples()
+        drop = min(max(0, keep_from - self._base), len(buf))
+        self._buf, self._base = buf[drop:], self._base + drop

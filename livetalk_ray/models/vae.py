@@ -1,0 +1,117 @@
+"""Wan VAE through diffusers' `AutoencoderKLWan`, with a per-stream decoder state.
+
+The Wan decoder is causal in time and keeps a feature cache across latent frames, so a stream can decode
+one latent block as soon as it exists and get exactly the frames a whole-clip decode would give: the
+first latent frame yields 1 video frame, every later one 4. Latents are normalised per channel
+((z - mean) / std), as the DiT sees them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from livetalk_ray.config import VAEConfig
+
+
+class VAEError(ValueError):
+    """A VAE path that cannot be loaded; the message names the path and why."""
+
+
+def _build_from_config(cfg: VAEConfig, seed: int) -> AutoencoderKLWan:
+    kwargs = {}
+    if cfg.latents_mean is not None:
+        kwargs["latents_mean"] = cfg.latents_mean
+    if cfg.latents_std is not None:
+        kwargs["latents_std"] = cfg.latents_std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(
+            base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks,
+            temperal_downsample=cfg.temperal_downsample, attn_scales=[], **kwargs,
+        )
+
+
+def _load_from_path(path: Path) -> AutoencoderKLWan:
+    """A diffusers directory (or one with a `vae/` subfolder), or Wan's original `Wan2.1_VAE.pth`."""
+    if not path.exists():
+        raise VAEError(f"VAE path not found: {path}")
+    if path.is_dir():
+        sub = "vae" if (path / "vae" / "config.json").is_file() else None
+        if sub is None and not (path / "config.json").is_file():
+            raise VAEError(f"{path} is not a diffusers VAE directory (no config.json)")
+        return AutoencoderKLWan.from_pretrained(path, subfolder=sub)
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file for the user
+        raise VAEError(f"cannot read VAE weights {path}: {exc}") from None
+    vae = AutoencoderKLWan()  # diffusers' defaults are the Wan 2.1 VAE architecture
+    missing, unexpected = vae.load_state_dict(convert_wan_vae_to_diffusers(state), strict=False)
+    if missing or unexpected:
+        raise VAEError(f"{path} is not a Wan 2.1 VAE: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return vae
+
+
+class WanVAE:
+    def __init__(self, cfg: VAEConfig, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+        self.model = (_load_from_path(Path(cfg.path)) if cfg.path else _build_from_config(cfg, seed)).eval()
+        self.model.requires_grad_(False)
+        self.model.to(device=device, dtype=dtype)
+        self.device, self.dtype = torch.device(device), dtype
+        shape = (1, -1, 1, 1, 1)
+        self.mean = torch.tensor(self.model.config.latents_mean, device=device, dtype=torch.float32).view(shape)
+        self.std = torch.tensor(self.model.config.latents_std, device=device, dtype=torch.float32).view(shape)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Video [B, 3, 1+4k, H, W] in [-1, 1] → normalised latent mean [B, z, 1+k, H/8, W/8]."""
+        if (video.shape[2] - 1) % 4:
+            raise ValueError(f"video frame count {video.shape[2]} is not 4k+1")
+        z = self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode().float()
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Whole-clip decode: normalised latents [B, z, F, h, w] → video [B, 3, 1+4(F-1), H, W] in [-1, 1]."""
+        z = (latents.float() * self.std + self.mean).to(self.dtype)
+        return self.model.decode(z).sample.float()
+
+    def stream(self) -> VAEDecodeStream:
+        return VAEDecodeStream(self)
+
+
+class VAEDecodeStream:
+    """Decoder state of one stream: feed latent blocks in order, get their video frames at once."""
+
+    def __init__(self, vae: WanVAE) -> None:
+        self.vae = vae
+        self.feat_cache: list[torch.Tensor | None] = [None] * vae.model._cached_conv_counts["decoder"]
+        self.frames_in = 0
+
+    @torch.no_grad()
+    def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latent frames [B, z, f, h, w] → video frames [B, 3, T, H, W] in [-1, 1] (T = 4f, or 4f-3 first)."""
+        model = self.vae.model
+        x = model.post_quant_conv((latents.float() * self.vae.std + self.vae.mean).to(self.vae.dtype))
+        outs = []
+        for i in range(x.shape[2]):
+            outs.append(
+                model.decoder(x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0],
+                              first_chunk=self.frames_in == 0)
+            )
+            self.frames_in += 1
+        out = torch.cat(outs, dim=2)
+        if model.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=model.config.patch_size)
+        return out.clamp(-1.0, 1.0).float()
