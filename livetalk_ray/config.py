@@ -15,6 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# Seed of the randomly initialised components of a preset without weights (toy VAE, wav2vec2, umT5, DiT),
+# fixed so that every process of a run builds the same ones; `runtime.seed` only drives sampling noise.
+TOY_INIT_SEED = 0
+
+
 class ConfigError(ValueError):
     """A config file, preset name or override that cannot be used; the message says which and why."""
 

@@ -122,7 +122,7 @@ def _read_file(path: Path, use_ema: bool) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe pickles
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0].split(". ")[0]  # torch's are long
             raise CheckpointError(f"{path}: cannot load torch checkpoint ({reason})") from None
         if not isinstance(obj, dict):
             raise CheckpointError(f"{path}: torch checkpoint holds a {type(obj).__name__}, not a state dict")

@@ -1,0 +1,113 @@
+"""`livetalk` command line. Every command takes `--preset`, `--config FILE` and `--set a.b=value`.
+
+User errors (bad preset, unreadable image or audio, wrong checkpoint, ...) end with one red line and exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve real-time talking avatars.")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets and checkpoints.")
+app.add_typer(model_app, name="model")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="toy | wan-1.3b | wan-14b (default toy)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set cache.sink_size=6")]
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from livetalk_ray.models.audio import AudioError
+    from livetalk_ray.models.checkpoint import CheckpointError
+    from livetalk_ray.models.image import ImageError
+    from livetalk_ray.models.vae import VAEError
+
+    return ConfigError, ImageError, AudioError, CheckpointError, VAEError, FileNotFoundError
+
+
+def friendly_errors(fn):
+    """Turn the known user errors into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except _user_errors() as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def resolve_config(preset: str | None, config: Path | None, overrides: list[str] | None) -> LiveTalkConfig:
+    return load_config(preset, config, overrides)
+
+
+@model_app.command("info")
+@friendly_errors
+def model_info(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    keys: Annotated[bool, typer.Option("--keys", help="list every tensor: '<name> <d0>x<d1>...'")] = False,
+) -> None:
+    """Parameter and tensor count of a preset, built on the meta device (no memory is allocated)."""
+    import torch
+
+    from livetalk_ray.models.dit import WanDiT
+
+    cfg = resolve_config(preset, config, set_)
+    with torch.device("meta"):
+        model = WanDiT(cfg.model)
+    state = model.state_dict()
+    params = sum(t.numel() for t in state.values())
+    console.print(f"preset {cfg.preset}: {params:,} parameters in {len(state)} tensors", highlight=False)
+    if keys:
+        for name in sorted(state):
+            print(f"{name} {'x'.join(str(d) for d in state[name].shape)}")
+
+
+@app.command()
+@friendly_errors
+def generate(
+    image: Annotated[Path, typer.Option("--image", help="reference portrait (any format PIL reads)")],
+    audio: Annotated[Path, typer.Option("--audio", help="speech (wav/flac/mp3/m4a/...), resampled to 16 kHz")],
+    out: Annotated[Path, typer.Option("--out", help="output .mp4")],
+    text: Annotated[str, typer.Option("--text", help="motion-focused prompt")] = (
+        "A person talks to the camera with natural lip movements and subtle head motion."
+    ),
+    seconds: Annotated[float | None, typer.Option("--seconds", min=0.1, help="length; default: the audio's")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="checkpoint directory")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Stream a talking-head video block by block and write it as mp4 with the audio muxed in."""
+    from livetalk_ray.generate import run_generate
+
+    if checkpoint is not None and preset is None and config is None:
+        cfg_file: Path | None = checkpoint / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{checkpoint} is not a livetalk checkpoint (no config.yaml)")
+    else:
+        cfg_file = config
+    cfg = resolve_config(preset, cfg_file, set_)
+    if seed is not None:
+        cfg.runtime.seed = seed
+    run_generate(cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint,
+                 console=console)
+
+
+if __name__ == "__main__":
+    app()

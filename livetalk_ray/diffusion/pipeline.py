@@ -1,0 +1,119 @@
+"""The streaming avatar pipeline: reference image + prompt + audio in, decoded video blocks out.
+
+`AvatarPipeline` holds the frozen components (DiT, VAE, wav2vec2, umT5); `AvatarStream` is one session:
+it primes the KV cache with the reference latent, then per block computes the audio window, runs the
+StreamingSampler and decodes the block with its own VAE decoder state. `livetalk generate` and the
+serving deployments are thin layers over these two classes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
+from livetalk_ray.diffusion.sampler import StreamingSampler
+from livetalk_ray.models.audio import StreamingAudioFeatures, build_audio_encoder
+from livetalk_ray.models.checkpoint import load_checkpoint
+from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.models.image import tensor_to_uint8
+from livetalk_ray.models.text import build_text_encoder
+from livetalk_ray.models.vae import WanVAE
+
+
+@dataclass
+class BlockOutput:
+    index: int
+    first_frame: int  # index of the block's first video frame in the stream
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    audio: np.ndarray  # float32 16 kHz samples covering exactly these frames
+    timings: dict[str, float]  # seconds: audio, denoise, refill, decode
+
+
+class AvatarPipeline:
+    def __init__(self, cfg: LiveTalkConfig, checkpoint: str | Path | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.runtime)
+        self.dtype = resolve_dtype(cfg.runtime, self.device)
+        if checkpoint is not None:
+            self.dit, _ = load_checkpoint(checkpoint, device=self.device, dtype=self.dtype)
+        else:  # no weights: a seeded random model of the preset (the toy default until weights ship)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(TOY_INIT_SEED)
+                self.dit = WanDiT(cfg.model, frames_per_block=cfg.cache.frames_per_block)
+            self.dit.to(self.device, self.dtype)
+        self.dit.eval().requires_grad_(False)
+        self.vae = WanVAE(cfg.vae, device=self.device, dtype=self.dtype, seed=TOY_INIT_SEED)
+        self.audio_encoder = build_audio_encoder(cfg.audio, TOY_INIT_SEED, device=self.device, dtype=self.dtype)
+        self.text_encoder = build_text_encoder(cfg.text, TOY_INIT_SEED, device=self.device, dtype=self.dtype)
+        self.sampler = StreamingSampler(self.dit, cfg)
+
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        return self.text_encoder.encode([prompt])
+
+    def open_stream(self, image: torch.Tensor, prompt: str, seed: int | None = None) -> AvatarStream:
+        """Prime a session from a reference image [3, H, W] in [-1, 1] and a motion prompt."""
+        return AvatarStream(self, image, prompt, self.cfg.runtime.seed if seed is None else seed)
+
+
+class AvatarStream:
+    def __init__(self, pipe: AvatarPipeline, image: torch.Tensor, prompt: str, seed: int) -> None:
+        self.pipe = pipe
+        cfg = pipe.cfg
+        self.ref_latent = pipe.vae.encode(image[None, :, None])  # [1, z, 1, h, w]
+        self.state = pipe.sampler.start(self.ref_latent, pipe.encode_prompt(prompt), seed)
+        self.audio = StreamingAudioFeatures(
+            pipe.audio_encoder, cfg.video.fps, latent_frames_per_block=cfg.cache.frames_per_block,
+            frames_per_latent=cfg.model.audio_frames_per_latent,
+        )
+        self.decoder = pipe.vae.stream()
+        self.frames_out = 0
+
+    # -- audio in
+    def push_audio(self, samples: np.ndarray | torch.Tensor) -> None:
+        self.audio.push(samples)
+
+    def finish_audio(self) -> None:
+        self.audio.finish()
+
+    def ready(self) -> bool:
+        """True when the next block's audio window (with lookahead) has arrived."""
+        return self.audio.ready(self.state.block_index)
+
+    def set_prompt(self, prompt: str) -> None:
+        self.pipe.sampler.set_prompt(self.state, self.pipe.encode_prompt(prompt))
+
+    # -- video out
+    def _block_audio(self, k: int) -> torch.Tensor:
+        """Per-video-frame features of block k grouped per latent frame: [1, fpb, 4, D]."""
+        feats = self.audio.block(k)
+        r = self.pipe.cfg.model.audio_frames_per_latent
+        if k == 0:  # latent frame 0 sees video frame 0 repeated, as the VAE's first frame does
+            feats = torch.cat([feats[:1].expand(r - 1, -1), feats])
+        return feats.view(1, -1, r, feats.shape[-1]).to(self.pipe.device, self.pipe.dtype)
+
+    def next_block(self) -> BlockOutput:
+        k = self.state.block_index
+        t0 = time.perf_counter()
+        audio = self._block_audio(k) if self.pipe.cfg.model.use_audio else None
+        t1 = time.perf_counter()
+        latents = self.pipe.sampler.next_block(self.state, audio)
+        t2 = time.perf_counter()
+        video = self.decoder.decode_block(latents)[0]
+        frames = tensor_to_uint8(video)
+        t3 = time.perf_counter()
+        first = self.frames_out
+        self.frames_out += frames.shape[0]
+        samples = self._audio_samples(first, self.frames_out)
+        self.audio.forget_before(self.frames_out)  # bounded memory on endless streams
+        timings = {"audio": t1 - t0, **self.state.timings, "decode": t3 - t2}
+        timings["total"] = t3 - t0
+        return BlockOutput(k, first, frames, samples, timings)
+
+    def _audio_samples(self, f0: int, f1: int) -> np.ndarray:
+        """The pushed audio under video frames [f0, f1) (silence past the end), for muxing."""
+        return self.audio.samples_between(self.audio.sample_index(f0), self.audio.sample_index(f1))

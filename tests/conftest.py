@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny configs and the real portrait/speech fixtures from ../shared (skipped if absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from livetalk_ray.config import LiveTalkConfig, load_config
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture
+def toy_cfg() -> LiveTalkConfig:
+    return load_config("toy")
+
+
+@pytest.fixture
+def tiny_cfg() -> LiveTalkConfig:
+    """Smaller than toy: for tests that run thousands of forward passes."""
+    return load_config("toy", overrides=["model.dim=32", "model.num_heads=2", "model.num_layers=4",
+                                         "model.ffn_dim=64"])
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def fixture_path(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.skip(f"shared fixture {path} is not present")
+    return path
+
+
+@pytest.fixture
+def portrait() -> Path:
+    return fixture_path("portrait.jpg")
+
+
+@pytest.fixture
+def speech() -> Path:
+    return fixture_path("speech_16k.wav")

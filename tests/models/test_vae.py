@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from livetalk_ray.models.vae import VAEError, WanVAE
+
+
+@pytest.fixture(scope="module")
+def vae():
+    from livetalk_ray.config import load_config
+
+    return WanVAE(load_config("toy").vae)
+
+
+def test_streaming_decode_equals_whole_clip(vae):
+    latents = torch.randn(1, 16, 9, 8, 8)
+    whole = vae.decode(latents)
+    stream = vae.stream()
+    parts = [stream.decode_block(latents[:, :, s : s + 3]) for s in range(0, 9, 3)]
+    assert [p.shape[2] for p in parts] == [9, 12, 12]  # 1 + 4(F-1) frames in all
+    assert torch.allclose(torch.cat(parts, 2), whole, atol=1e-5)
+    assert whole.abs().max() > 0
+
+
+def test_two_streams_do_not_share_state(vae):
+    a, b = torch.randn(1, 16, 6, 8, 8), torch.randn(1, 16, 6, 8, 8)
+    sa, sb = vae.stream(), vae.stream()
+    sa.decode_block(a[:, :, :3])
+    sb.decode_block(b[:, :, :3])
+    assert torch.allclose(sa.decode_block(a[:, :, 3:]), vae.decode(a)[:, :, 9:], atol=1e-5)
+
+
+def test_encode_shape_and_frame_rule(vae):
+    assert vae.encode(torch.rand(1, 3, 17, 64, 64) * 2 - 1).shape == (1, 16, 5, 8, 8)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        vae.encode(torch.zeros(1, 3, 4, 64, 64))
+
+
+def test_bad_path_is_a_clear_error(tmp_path):
+    from livetalk_ray.config import load_config
+
+    cfg = load_config("toy").vae
+    with pytest.raises(VAEError, match="not found"):
+        WanVAE(cfg.model_copy(update={"path": str(tmp_path / "missing.pth")}))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(VAEError, match="cannot read"):
+        WanVAE(cfg.model_copy(update={"path": str(junk)}))
