@@ -105,8 +105,9 @@ def generate(
     cfg = resolve_config(preset, cfg_file, set_)
     if seed is not None:
         cfg.runtime.seed = seed
-    run_generate(cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint,
-                 console=console)
+    run_generate(
+        cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint, console=console
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
 # Seed of the randomly initialised components of a preset without weights (toy VAE, wav2vec2, umT5, DiT),
 # fixed so that every process of a run builds the same ones; `runtime.seed` only drives sampling noise.
 TOY_INIT_SEED = 0
@@ -210,8 +209,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Same architecture at CPU-trainable sizes: 64x64 video, 8x8 latents, 16 tokens per latent frame.
     "toy": {
         "model": {
-            "dim": 128, "ffn_dim": 256, "num_heads": 4, "num_layers": 6,
-            "text_dim": 64, "audio_feature_dim": 32 * 4, "audio_hidden_size": 16,
+            "dim": 128,
+            "ffn_dim": 256,
+            "num_heads": 4,
+            "num_layers": 6,
+            "text_dim": 64,
+            "audio_feature_dim": 32 * 4,
+            "audio_hidden_size": 16,
         },
         "video": {"height": 64, "width": 64},
         "vae": {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},

@@ -62,8 +62,17 @@ def blocks_for_frames(num_frames: int, frames_per_block: int, frames_per_latent:
     return 1 + max(0, math.ceil((num_frames - first) / (frames_per_latent * frames_per_block)))
 
 
-def run_generate(cfg: LiveTalkConfig, *, image: Path, audio: Path, out: Path, prompt: str,
-                 seconds: float | None, checkpoint: Path | None, console: Console) -> dict:
+def run_generate(
+    cfg: LiveTalkConfig,
+    *,
+    image: Path,
+    audio: Path,
+    out: Path,
+    prompt: str,
+    seconds: float | None,
+    checkpoint: Path | None,
+    console: Console,
+) -> dict:
     from livetalk_ray.diffusion.pipeline import AvatarPipeline
     from livetalk_ray.models.audio import load_audio
     from livetalk_ray.models.image import load_reference_image
@@ -93,19 +102,27 @@ def run_generate(cfg: LiveTalkConfig, *, image: Path, audio: Path, out: Path, pr
             first_block_latency = time.perf_counter() - start
         t = block.timings
         rows.append({"block": block.index, "frames": keep, **t})
-        table.add_row(str(block.index), str(keep), *(f"{1000 * t[k]:.0f}" for k in
-                                                      ("audio", "denoise", "refill", "decode", "total")))
+        table.add_row(
+            str(block.index),
+            str(keep),
+            *(f"{1000 * t[k]:.0f}" for k in ("audio", "denoise", "refill", "decode", "total")),
+        )
     writer.close()
     elapsed = time.perf_counter() - start
     summary = {
-        "frames": written, "blocks": num_blocks, "seconds_of_video": written / cfg.video.fps,
-        "wall_seconds": elapsed, "fps": written / elapsed, "first_block_latency_s": first_block_latency,
+        "frames": written,
+        "blocks": num_blocks,
+        "seconds_of_video": written / cfg.video.fps,
+        "wall_seconds": elapsed,
+        "fps": written / elapsed,
+        "first_block_latency_s": first_block_latency,
         "blocks_detail": rows,
     }
     console.print(table)
     console.print(
         f"wrote {out}: {written} frames ({written / cfg.video.fps:.2f} s) in {elapsed:.2f} s → "
         f"{summary['fps']:.1f} FPS, first block after {first_block_latency:.2f} s "
-        f"(real time needs {cfg.video.fps} FPS)", highlight=False,
+        f"(real time needs {cfg.video.fps} FPS)",
+        highlight=False,
     )
     return summary

@@ -20,8 +20,7 @@ def toy_cfg() -> LiveTalkConfig:
 @pytest.fixture
 def tiny_cfg() -> LiveTalkConfig:
     """Smaller than toy: for tests that run thousands of forward passes."""
-    return load_config("toy", overrides=["model.dim=32", "model.num_heads=2", "model.num_layers=4",
-                                         "model.ffn_dim=64"])
+    return load_config("toy", overrides=["model.dim=32", "model.num_heads=2", "model.num_layers=4", "model.ffn_dim=64"])
 
 
 @pytest.fixture(autouse=True)

@@ -30,8 +30,9 @@ class FlowSchedule:
     def sigma_of(self, t: torch.Tensor | float) -> torch.Tensor:
         return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
 
-    def sample_train_timesteps(self, shape, generator: torch.Generator | None = None,
-                               min_t: float = 0.0, max_t: float = 1000.0) -> torch.Tensor:
+    def sample_train_timesteps(
+        self, shape, generator: torch.Generator | None = None, min_t: float = 0.0, max_t: float = 1000.0
+    ) -> torch.Tensor:
         """Training timesteps: uniform u, shifted, clamped to [min_t, max_t] (DMD uses [20, 980])."""
         u = torch.rand(shape, generator=generator, dtype=torch.float64)
         return (self.shift_sigma(u) * self.num_train_timesteps).clamp(min_t, max_t)

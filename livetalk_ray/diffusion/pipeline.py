@@ -67,7 +67,9 @@ class AvatarStream:
         self.ref_latent = pipe.vae.encode(image[None, :, None])  # [1, z, 1, h, w]
         self.state = pipe.sampler.start(self.ref_latent, pipe.encode_prompt(prompt), seed)
         self.audio = StreamingAudioFeatures(
-            pipe.audio_encoder, cfg.video.fps, latent_frames_per_block=cfg.cache.frames_per_block,
+            pipe.audio_encoder,
+            cfg.video.fps,
+            latent_frames_per_block=cfg.cache.frames_per_block,
             frames_per_latent=cfg.model.audio_frames_per_latent,
         )
         self.decoder = pipe.vae.stream()

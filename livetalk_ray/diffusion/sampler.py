@@ -67,8 +67,9 @@ def sample_teacher(
         if round(float(t), 3) in keep:
             kept.append(x.clone())
         tt = t.expand(x.shape[0]).to(x.device)
-        v = guided_velocity(model, x, tt, y, text, negative_text, audio,
-                            cfg.sampler.text_guidance, cfg.sampler.audio_guidance)
+        v = guided_velocity(
+            model, x, tt, y, text, negative_text, audio, cfg.sampler.text_guidance, cfg.sampler.audio_guidance
+        )
         x = x + (sigmas[i + 1] - sigmas[i]).item() * v
     x[:, :, :1] = ref_latent
     if len(kept) != len(keep):
@@ -104,8 +105,11 @@ class StreamingSampler:
     def start(self, ref_latent: torch.Tensor, text: torch.Tensor, seed: int = 0) -> StreamState:
         p = next(self.model.parameters())
         cache = self.model.new_cache(
-            ref_latent.shape[0], self.cfg.tokens_per_frame, self.cfg.cache.local_attn_size,
-            self.cfg.cache.sink_size, self.cfg.cache.rope_positions,
+            ref_latent.shape[0],
+            self.cfg.tokens_per_frame,
+            self.cfg.cache.local_attn_size,
+            self.cfg.cache.sink_size,
+            self.cfg.cache.rope_positions,
         )
         gen = torch.Generator(device=p.device).manual_seed(seed)
         return StreamState(cache, ref_latent.to(p.device, p.dtype), text.to(p.device, p.dtype), gen)
@@ -150,8 +154,9 @@ class StreamingSampler:
         if context_t > 0:
             eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
             clean = self.schedule.add_noise(x0, eps, context_t / self.schedule.num_train_timesteps)
-        self.model.forward_cached(clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y,
-                                  state.cache, start, audio)
+        self.model.forward_cached(
+            clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y, state.cache, start, audio
+        )
         t2 = self._sync()
         state.timings = {"denoise": t1 - t0, "refill": t2 - t1}
         state.block_index += 1

@@ -1,14 +1,15 @@
-"""wav2vec2 audio features per video frame (LiveTalk / OmniAvatar semantics), whole-clip and streaming.
+"""wav2vec2 features per video frame (LiveTalk/OmniAvatar semantics): file loading, whole clip, streaming.
 
-Time convention: video frame i sits at time i/fps, so a clip of N frames spans (N-1)/fps seconds of audio
-(LiveTalk trims audio to (4F-4)/fps seconds for 4F-3 frames). `encode` resamples the ~50 Hz CNN features
-to exactly N positions *before* the transformer, which therefore runs at the video frame rate.
+Video frame k sits at time k/fps; a clip of N frames spans (N-1)/fps s of audio (LiveTalk: 4F-3 frames,
+(4F-4)/fps s). The ~50 Hz CNN features are resampled to the frame rate *before* the transformer.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import av
 import numpy as np
 import soundfile as sf
 import torch
@@ -24,13 +25,10 @@ class AudioError(ValueError):
     """Audio that cannot be used (missing, unreadable, empty, NaN); the message names the file or input."""
 
 
-# ----------------------------------------------------------------------------------------------- loading
 def _resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     """Band-limited resampling of a mono float32 signal through libswresample (no scipy/torchaudio)."""
     if sr == target:
         return x
-    import av
-
     resampler = av.AudioResampler(format="fltp", layout="mono", rate=target)
     outs: list[np.ndarray] = []
     for i in range(0, len(x), 1 << 16):  # bounded frame size; the resampler keeps its state across chunks
@@ -43,8 +41,6 @@ def _resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
 
 def _decode_av(path: Path) -> tuple[np.ndarray, int]:
     """Any container/codec FFmpeg knows (mp3, m4a, mp4 ...) → ([C, N] float32, sample rate)."""
-    import av
-
     with av.open(str(path)) as container:
         if not container.streams.audio:
             raise AudioError(f"no audio stream in {path}")
@@ -71,8 +67,6 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
         except (sf.LibsndfileError, RuntimeError):
             data = None  # e.g. a codec libsndfile lacks: let FFmpeg try before giving up
     if data is None:
-        import av
-
         try:
             data, sr = _decode_av(path)
         except AudioError:
@@ -89,7 +83,6 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     return _resample_mono(mono, int(sr), sample_rate)
 
 
-# ----------------------------------------------------------------------------------------------- encoder
 def _tiny_wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
     return Wav2Vec2Config(
         hidden_size=cfg.hidden_size,
@@ -103,17 +96,12 @@ def _tiny_wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
         num_conv_pos_embedding_groups=2,
         feat_extract_norm="group",  # wav2vec2-base-960h layout
         do_stable_layer_norm=False,
-        mask_time_prob=0.0,  # no SpecAugment parameter: this model is only ever used frozen
-        layerdrop=0.0,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        feat_proj_dropout=0.0,
+        mask_time_prob=0.0,  # no SpecAugment parameter: this model is only ever used frozen, in eval
     )
 
 
 class AudioEncoder:
-    """Frozen wav2vec2 giving `cfg.feature_dim` features per video frame."""
+    """Frozen wav2vec2 giving `feature_dim` features per video frame."""
 
     def __init__(
         self,
@@ -129,19 +117,18 @@ class AudioEncoder:
         self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
         self.feature_extractor = feature_extractor
         self.sample_rate = int(feature_extractor.sampling_rate)
-        # Shortest input the CNN accepts (its receptive field: 400 samples for the standard stack).
-        conf = model.config
-        self.min_samples, jump = 1, 1
-        for k, s in zip(conf.conv_kernel, conf.conv_stride, strict=True):
-            self.min_samples += (k - 1) * jump
-            jump *= s
+        # CNN geometry: receptive field (400 samples, also the shortest usable input) and hop (320 = 20 ms).
+        self.receptive_field, self.hop = 1, 1
+        for k, s in zip(model.config.conv_kernel, model.config.conv_stride, strict=True):
+            self.receptive_field += (k - 1) * self.hop
+            self.hop *= s
 
     @property
     def feature_dim(self) -> int:
         return self.model.config.hidden_size * (self.model.config.num_hidden_layers + 2)
 
     def normalize(self, wave: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """The feature extractor's zero-mean/unit-variance step, done in fp32 torch on `device`."""
+        """The feature extractor's zero-mean/unit-variance step, in fp32 torch on `device`."""
         x = torch.as_tensor(wave).to(self.device, torch.float32)
         if x.ndim != 1:
             raise AudioError(f"expected a 1-D mono waveform, got shape {tuple(x.shape)}")
@@ -155,26 +142,65 @@ class AudioEncoder:
 
     @torch.no_grad()
     def encode(self, wave: torch.Tensor | np.ndarray, num_frames: int) -> torch.Tensor:
-        """16 kHz mono wave → [num_frames, feature_dim] (last_hidden_state ‖ all hidden states)."""
-        return self.encode_normalized(self.normalize(wave), num_frames)
-
-    @torch.no_grad()
-    def encode_normalized(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """`encode` for an already normalised 1-D wave (the streaming path pads after normalising)."""
+        """LiveTalk semantics: the whole wave is stretched onto num_frames → [num_frames, feature_dim]."""
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if x.numel() < self.min_samples:
-            x = F.pad(x, (0, self.min_samples - x.numel()))  # padded silence, as after normalisation
-        m = self.model
-        feats = m.feature_extractor(x[None].to(self.dtype))  # [1, C, T_cnn] at ~50 Hz
-        # LiveTalk/OmniAvatar: resample CNN features to the video frame count before the transformer.
-        feats = F.interpolate(feats.float(), size=num_frames, mode="linear", align_corners=True)
-        hidden, _ = m.feature_projection(feats.to(self.dtype).transpose(1, 2))
-        return self._transformer(hidden)[0]
+        x = self.normalize(wave)
+        x = F.pad(x, (0, max(0, self.receptive_field - x.numel())))  # too short for the CNN: add silence
+        feats = self._cnn(x)
+        # Resample the ~50 Hz CNN features to the video frame count *before* the transformer.
+        feats = F.interpolate(feats, size=num_frames, mode="linear", align_corners=True)
+        return self._transformer(feats)
 
-    def _transformer(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The encoder's own loop, unrolled so every hidden state is kept without hooks (thread-safe) and
-        # in the order HF reports them: embedding output, then each layer's output.
+    @torch.no_grad()
+    def encode_frames(
+        self, wave: torch.Tensor | np.ndarray, fps: float, f0: int, f1: int, offset: int = 0
+    ) -> torch.Tensor:
+        """Time-exact encoding of the video frames [f0, f1) → [f1 - f0, feature_dim].
+
+        Frame k sits at sample k*sr/fps, `wave[0]` is sample `offset`, audio outside `wave` is silence.
+        CNN frames lie on one absolute 20 ms grid and are linearly interpolated at the exact frame times
+        (still to the window's frame count, before the transformer), so windows of a stream and a whole
+        clip encoded this way differ only through context. `encode`'s align_corners mapping instead puts
+        frames at clip-length-dependent sub-hop phases, which would swamp any block-vs-clip comparison.
+        """
+        if f1 <= f0:
+            raise ValueError(f"bad frame range [{f0}, {f1})")
+        times = torch.arange(f0, f1, dtype=torch.float64) * (self.sample_rate / fps) / self.hop
+        p_lo, p_hi = math.floor(times[0].item()), math.ceil(times[-1].item())
+        a, b = self.span_samples(p_lo, p_hi)
+        lo, hi = min(max(a - offset, 0), len(wave)), min(max(b - offset, 0), len(wave))
+        # Normalise with the window's real audio only, then pad silence (zeros after normalisation).
+        real = self.normalize(wave[lo:hi]) if hi > lo else torch.zeros(0, device=self.device)
+        feats = self._cnn(F.pad(real, (lo + offset - a, b - hi - offset)))  # [1, C, p_hi - p_lo + 1]
+        pos = (times - p_lo).to(self.device)
+        i0 = pos.floor().long().clamp(max=feats.shape[-1] - 1)
+        i1 = (i0 + 1).clamp(max=feats.shape[-1] - 1)
+        w = (pos - i0).float()
+        return self._transformer(feats[..., i0] * (1 - w) + feats[..., i1] * w)
+
+    @torch.no_grad()
+    def encode_timed(self, wave: torch.Tensor | np.ndarray, fps: float, num_frames: int) -> torch.Tensor:
+        """A whole clip in the time-exact convention of `encode_frames` (frames [0, num_frames))."""
+        return self.encode_frames(wave, fps, 0, num_frames)
+
+    def span_samples(self, p_lo: int, p_hi: int) -> tuple[int, int]:
+        """Absolute samples [a, b) feeding CNN grid frames p_lo..p_hi (frame p centred on sample hop*p)."""
+        half = self.receptive_field // 2
+        return self.hop * p_lo - half, self.hop * p_hi - half + self.receptive_field
+
+    def last_sample_needed(self, fps: float, frame: int) -> int:
+        """Samples that must exist to encode `frame` with real audio (its time plus CNN margin)."""
+        return self.span_samples(0, math.ceil(frame * self.sample_rate / fps / self.hop))[1]
+
+    def _cnn(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.feature_extractor(x[None].to(self.dtype)).float()  # [1, C, T] at ~50 Hz
+
+    def _transformer(self, feats: torch.Tensor) -> torch.Tensor:
+        """[1, C, T] CNN features → [T, hidden*(layers+2)] = last_hidden_state ‖ all hidden states."""
+        hidden, _ = self.model.feature_projection(feats.to(self.dtype).transpose(1, 2))
+        # The encoder's own loop, unrolled so every hidden state is kept without hooks (thread-safe), in
+        # the order HF reports them: embedding output, then each layer's output.
         enc = self.model.encoder
         hidden = hidden + enc.pos_conv_embed(hidden)
         stable = self.model.config.do_stable_layer_norm
@@ -186,7 +212,7 @@ class AudioEncoder:
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
             states.append(hidden)
         last = enc.layer_norm(hidden) if stable else hidden
-        return torch.cat([last, *states], dim=-1)
+        return torch.cat([last, *states], dim=-1)[0]
 
 
 def build_audio_encoder(
@@ -220,17 +246,16 @@ def build_audio_encoder(
     return AudioEncoder(model, extractor, cfg, device=device, dtype=dtype)
 
 
-# ----------------------------------------------------------------------------------------------- streaming
 class StreamingAudioFeatures:
     """Per-block features from a growing waveform, each block encoded in its own context window.
 
-    Frames [f0, f1) are encoded inside the window [f0 - L, f1 + A) of video frames (L, A = left context
-    and lookahead in frames), with the CNN features interpolated to the window's frame count, and only the
-    block's frames are returned. Start: the window is clipped at frame 0, so early blocks simply have less
-    left context (exactly like the whole-clip encoding, which also starts there). End: audio the window
-    needs but which has not been pushed is zero-padded *after* normalisation (silence), so `features`
-    never fails; call `ready`/`samples_needed` to know whether waiting for more audio would change the
-    result, and `finish()` once the speaker stops (then missing audio is final silence).
+    Frames [f0, f1) are encoded (`AudioEncoder.encode_frames`) inside the window [f0 - L, f1 + A) of video
+    frames, L/A being the left context and lookahead in frames, and only the block's frames are kept.
+    - Start: the window is clipped at frame 0, so early blocks just have less left context.
+    - Audio not pushed yet is silence, so `features` never fails and frames past the end of the audio
+      get silence features. `ready`/`samples_needed` say when waiting would no longer change a block.
+    - After `finish()` the lookahead stops at the last frame that has audio: silence past the end would
+      only dilute the window (a whole-clip encoding has none either).
     """
 
     def __init__(
@@ -251,50 +276,55 @@ class StreamingAudioFeatures:
         self.lookahead_frames = round((cfg.lookahead_s if lookahead_s is None else lookahead_s) * fps)
         self.latent_frames_per_block = latent_frames_per_block
         self.frames_per_latent = frames_per_latent
-        self._chunks: list[np.ndarray] = []
-        self._buf = np.zeros(0, np.float32)
+        self._buf = np.zeros(0, np.float32)  # bounded by `forget_before`, so appending by copy is cheap
         self._base = 0  # absolute index of _buf[0]; earlier samples were dropped by `forget_before`
         self._pushed = 0
+        self._forgotten = 0  # frames before this can no longer be requested
         self.finished = False
-        if wave is not None:
+        if wave is not None:  # a whole clip: push it and close the stream
             self.push(wave)
             self.finish()
 
-    # -- feeding
     def push(self, samples: torch.Tensor | np.ndarray) -> None:
         """Append 16 kHz mono samples (any length, including 0)."""
         if self.finished:
             raise AudioError("push after finish()")
-        x = np.asarray(torch.as_tensor(samples).detach().float().cpu().numpy(), np.float32).reshape(-1)
+        x = torch.as_tensor(samples).detach().float().cpu().numpy().reshape(-1)
         if not np.isfinite(x).all():
             raise AudioError("pushed audio contains NaN or inf")
-        self._chunks.append(x)
+        self._buf = np.concatenate([self._buf, x])
         self._pushed += len(x)
 
     def finish(self) -> None:
-        """No more audio: windows past the end are completed with silence for good."""
+        """No more audio will come."""
         self.finished = True
 
     @property
     def num_samples(self) -> int:
         return self._pushed
 
-    def _samples(self) -> np.ndarray:
-        if self._chunks:
-            self._buf = np.concatenate([self._buf, *self._chunks])
-            self._chunks = []
-        return self._buf
-
-    # -- geometry
     def sample_index(self, frame: int) -> int:
+        """Absolute sample at the time of video frame `frame`."""
         return round(frame * self.encoder.sample_rate / self.fps)
 
+    def samples_between(self, s0: int, s1: int) -> np.ndarray:
+        """Pushed audio at absolute samples [s0, s1), zeros where none was pushed (e.g. for muxing)."""
+        if s0 < self._base:
+            raise ValueError(f"samples before {self._base} were dropped by forget_before")
+        out = np.zeros(max(0, s1 - s0), np.float32)
+        got = self._buf[s0 - self._base : max(s0, s1) - self._base]
+        out[: len(got)] = got
+        return out
+
     def window(self, f0: int, f1: int) -> tuple[int, int]:
-        return max(0, f0 - self.left_frames), f1 + self.lookahead_frames
+        w0, w1 = max(0, f0 - self.left_frames), f1 + self.lookahead_frames
+        if self.finished:  # lookahead stops at the last frame whose time lies inside the audio
+            w1 = max(f1, min(w1, math.floor(self._pushed * self.fps / self.encoder.sample_rate) + 1))
+        return w0, w1
 
     def samples_needed(self, f0: int, f1: int) -> int:
         """Total samples pushed before frames [f0, f1) get their full lookahead."""
-        return self.sample_index(self.window(f0, f1)[1] - 1)
+        return self.encoder.last_sample_needed(self.fps, f1 - 1 + self.lookahead_frames)
 
     def block_frames(self, k: int) -> tuple[int, int]:
         """Video frames of latent block k (latent 0 = frame 0; latent j>=1 = frames r*j-r+1 .. r*j)."""
@@ -307,31 +337,24 @@ class StreamingAudioFeatures:
     def ready(self, k: int) -> bool:
         return self.finished or self._pushed >= self.samples_needed_for_block(k)
 
-    # -- features
     def features(self, f0: int, f1: int) -> torch.Tensor:
-        """[f1 - f0, feature_dim] for video frames [f0, f1), zero-padding audio that is not there yet."""
+        """[f1 - f0, feature_dim] for video frames [f0, f1); missing audio counts as silence."""
         if not 0 <= f0 < f1:
             raise ValueError(f"bad frame range [{f0}, {f1})")
+        if f0 < self._forgotten:
+            raise ValueError(f"audio for frame {f0} was dropped by forget_before({self._forgotten})")
         w0, w1 = self.window(f0, f1)
-        s0, s1 = self.sample_index(w0), self.sample_index(w1 - 1)
-        if s0 < self._base:
-            raise ValueError(f"frames from {w0} were already forgotten (forget_before)")
-        buf = self._samples()
-        real = buf[s0 - self._base : s1 - self._base]
-        enc = self.encoder
-        if len(real):
-            x = enc.normalize(real)  # statistics of the real audio only: padding must not skew them
-        else:
-            x = torch.zeros(0, device=enc.device)
-        x = F.pad(x, (0, (s1 - s0) - x.numel()))
-        return enc.encode_normalized(x, w1 - w0)[f0 - w0 : f1 - w0]
+        out = self.encoder.encode_frames(self._buf, self.fps, w0, w1, offset=self._base)
+        return out[f0 - w0 : f1 - w0]
 
     def block(self, k: int) -> torch.Tensor:
         return self.features(*self.block_frames(k))
 
     def forget_before(self, frame: int) -> None:
-        """Drop audio no window for frames >= `frame` needs (keeps memory bounded on long streams)."""
-        keep_from = self.sample_index(self.window(frame, frame + 1)[0])
-        buf = self._samples()
-        drop = min(max(0, keep_from - self._base), len(buf))
-        self._buf, self._base = buf[drop:], self._base + drop
+        """Drop audio that no window for frames >= `frame` needs (bounded memory on long streams)."""
+        enc = self.encoder
+        self._forgotten = max(self._forgotten, frame)
+        w0 = self.window(frame, frame + 1)[0]
+        keep_from = enc.span_samples(math.floor(w0 * enc.sample_rate / self.fps / enc.hop), 0)[0]
+        drop = min(max(0, keep_from - self._base), len(self._buf))
+        self._buf, self._base = self._buf[drop:], self._base + drop

@@ -26,9 +26,7 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 # Whole-key prefixes added by training wrappers (WanDiffusionWrapper, DDP, torch.compile, ComfyUI).
 _WRAPPER_PREFIXES = ("model.", "module.", "_orig_mod.", "diffusion_model.")
 # Segments inserted mid-key by torch.compile / FSDP / activation checkpointing; never real module names.
-_WRAPPER_SEGMENTS = re.compile(
-    r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\."
-)
+_WRAPPER_SEGMENTS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
 # Keys of base checkpoints the model has no use for (Wan I2V / FLF2V image branch).
 _IGNORABLE = re.compile(r"img_emb\..*|blocks\.\d+\.cross_attn\.(?:k_img|v_img|norm_k_img)\..*")
 # Keys a base (non-audio) checkpoint lacks; they keep the model's own initialisation.
@@ -50,15 +48,29 @@ _DIFFUSERS_TOP = [
     (r"proj_out\.", "head.head."),
     (r"patch_embedding\.", "patch_embedding."),
 ]
-_DIFFUSERS_ATTN = {"attn1": "self_attn", "attn2": "cross_attn", "to_q": "q", "to_k": "k", "to_v": "v",
-                   "to_out.0": "o", "norm_q": "norm_q", "norm_k": "norm_k", "add_k_proj": "k_img",
-                   "add_v_proj": "v_img", "norm_added_k": "norm_k_img"}
+_DIFFUSERS_ATTN = {
+    "attn1": "self_attn",
+    "attn2": "cross_attn",
+    "to_q": "q",
+    "to_k": "k",
+    "to_v": "v",
+    "to_out.0": "o",
+    "norm_q": "norm_q",
+    "norm_k": "norm_k",
+    "add_k_proj": "k_img",
+    "add_v_proj": "v_img",
+    "norm_added_k": "norm_k_img",
+}
 _DIFFUSERS_BLOCK = re.compile(
     r"blocks\.(\d+)\.(?:(attn[12])\.(to_q|to_k|to_v|to_out\.0|norm_q|norm_k|add_k_proj|add_v_proj|norm_added_k)"
     r"\.(weight|bias)|(norm2\.|ffn\.net\.0\.proj\.|ffn\.net\.2\.|scale_shift_table$)(.*))"
 )
-_DIFFUSERS_BLOCK_REST = {"norm2.": "norm3.", "ffn.net.0.proj.": "ffn.0.", "ffn.net.2.": "ffn.2.",
-                         "scale_shift_table": "modulation"}
+_DIFFUSERS_BLOCK_REST = {
+    "norm2.": "norm3.",
+    "ffn.net.0.proj.": "ffn.0.",
+    "ffn.net.2.": "ffn.2.",
+    "scale_shift_table": "modulation",
+}
 
 
 class CheckpointError(ValueError):
@@ -110,7 +122,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
         if prefix is None:
             return sd
-        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -184,11 +196,18 @@ def read_state_dict(path: str | os.PathLike[str], *, use_ema: bool = True) -> di
 
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> Literal["wan", "diffusers"]:
     keys = list(state_dict)
-    if any(k.startswith(("condition_embedder.", "proj_out.")) or k == "scale_shift_table"
-           or re.match(r"blocks\.\d+\.(attn1|attn2|scale_shift_table)", k) for k in keys):
+    if any(
+        k.startswith(("condition_embedder.", "proj_out."))
+        or k == "scale_shift_table"
+        or re.match(r"blocks\.\d+\.(attn1|attn2|scale_shift_table)", k)
+        for k in keys
+    ):
         return "diffusers"
-    if any(k.startswith(("patch_embedding.", "time_embedding.", "head.head."))
-           or re.match(r"blocks\.\d+\.(self_attn|cross_attn|modulation)", k) for k in keys):
+    if any(
+        k.startswith(("patch_embedding.", "time_embedding.", "head.head."))
+        or re.match(r"blocks\.\d+\.(self_attn|cross_attn|modulation)", k)
+        for k in keys
+    ):
         return "wan"
     raise CheckpointError(f"unknown checkpoint layout (neither Wan nor diffusers); first keys: {keys[:4]}")
 
@@ -201,7 +220,7 @@ def _diffusers_key(key: str) -> str:
         return f"blocks.{n}.{_DIFFUSERS_BLOCK_REST[part]}{rest}"
     for pattern, replacement in _DIFFUSERS_TOP:
         if m := re.match(pattern, key):
-            return replacement + key[m.end():]
+            return replacement + key[m.end() :]
     raise CheckpointError(f"diffusers key {key!r} has no Wan equivalent (unsupported Wan variant?)")
 
 
@@ -212,10 +231,18 @@ def diffusers_to_wan(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {_diffusers_key(k): v for k, v in state_dict.items()}
 
 
-def _fit_problems(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], missing: list[str],
-                  unexpected: list[str], skip: Collection[str] = ()) -> str | None:
-    problems = [f"{k}: checkpoint has {_shape(sd[k].shape)}, model expects {_shape(target[k].shape)}"
-                for k in sd if k in target and k not in skip and sd[k].shape != target[k].shape]
+def _fit_problems(
+    sd: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    skip: Collection[str] = (),
+) -> str | None:
+    problems = [
+        f"{k}: checkpoint has {_shape(sd[k].shape)}, model expects {_shape(target[k].shape)}"
+        for k in sd
+        if k in target and k not in skip and sd[k].shape != target[k].shape
+    ]
     if missing:
         problems.append(_listing("missing keys", missing))
     if unexpected:
@@ -270,9 +297,7 @@ def load_checkpoint(
     return model.to(device=device, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype), cfg
 
 
-def import_weights(
-    model: WanDiT, source_path: str | os.PathLike[str], *, use_ema: bool = True
-) -> ImportReport:
+def import_weights(model: WanDiT, source_path: str | os.PathLike[str], *, use_ema: bool = True) -> ImportReport:
     """Copy a Wan / diffusers / Self-Forcing / LiveTalk checkpoint into an existing (materialised) model.
 
     Tolerated only: audio modules absent from a base checkpoint (kept as initialised), the image branch
@@ -291,11 +316,16 @@ def import_weights(
     ignored = [k for k in unexpected if _IGNORABLE.fullmatch(k)]
     # A 16-channel T2V patch embedding in front of our 33-channel input (latent + reference + mask).
     pw, tw = sd.get("patch_embedding.weight"), target["patch_embedding.weight"]
-    widen = (pw is not None and pw.dim() == 5 and pw.shape[1] < tw.shape[1]
-             and pw.shape[:1] + pw.shape[2:] == tw.shape[:1] + tw.shape[2:])
+    widen = (
+        pw is not None
+        and pw.dim() == 5
+        and pw.shape[1] < tw.shape[1]
+        and pw.shape[:1] + pw.shape[2:] == tw.shape[:1] + tw.shape[2:]
+    )
     adapted = ["patch_embedding.weight"] if widen else []
-    problem = _fit_problems(sd, target, [k for k in missing if k not in initialised],
-                            [k for k in unexpected if k not in ignored], adapted)
+    problem = _fit_problems(
+        sd, target, [k for k in missing if k not in initialised], [k for k in unexpected if k not in ignored], adapted
+    )
     if problem:
         raise CheckpointError(f"{source_path} ({layout} layout) does not fit the model: {problem}")
     loaded = 0

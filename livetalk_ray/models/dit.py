@@ -127,9 +127,7 @@ class SelfAttention(nn.Module):
         else:
             k = apply_rope(k, q_angles)
         q = apply_rope(q, q_angles)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-        )
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -165,9 +163,9 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, t_mod, text_kv, q_angles, mask=None, cache=None) -> torch.Tensor:
         # x [B, F, HW, dim]; t_mod [B, F, 6, dim]: each frame carries its own noise level.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.modulation.unsqueeze(1) + t_mod
-        ).chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.unsqueeze(1) + t_mod).chunk(
+            6, dim=2
+        )
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
         x = x + self.self_attn(h.flatten(1, 2), q_angles, mask, cache).view_as(x) * gate_msa
         x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view_as(x)
@@ -205,7 +203,9 @@ class WanDiT(nn.Module):
         self.cfg, self.causal, self.frames_per_block = cfg, causal, frames_per_block
         dim = cfg.dim
         self.patch_embedding = nn.Conv3d(cfg.in_dim, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, dim * 6))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
@@ -250,8 +250,9 @@ class WanDiT(nn.Module):
             audio_per_layer = [proj(packed)[:, :, None] for proj in self.audio_cond_projs]
         return tokens, t_emb, t_mod, audio_per_layer, (f, h, w)
 
-    def _run_blocks(self, tokens, t_mod, text_kvs, audio_per_layer, q_angles, mask=None, cache=None, view=None,
-                    k_angles=None):
+    def _run_blocks(
+        self, tokens, t_mod, text_kvs, audio_per_layer, q_angles, mask=None, cache=None, view=None, k_angles=None
+    ):
         for i, block in enumerate(self.blocks):
             if audio_per_layer is not None and 2 <= i <= len(self.blocks) // 2:
                 tokens = tokens + audio_per_layer[i - 2]
@@ -276,8 +277,9 @@ class WanDiT(nn.Module):
         `t` is [B] or per frame [B, F]; `frame_start` offsets the RoPE time index of the first frame."""
         tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
         f, h, w = grid
-        angles = rope_angles(self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta,
-                             torch.arange(frame_start, frame_start + f), h, w)
+        angles = rope_angles(
+            self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta, torch.arange(frame_start, frame_start + f), h, w
+        )
         mask = block_causal_mask(f, self.frames_per_block, h * w, x.device) if self.causal else None
         tokens = self._run_blocks(tokens, t_mod, self.text_kvs(context), audio_per_layer, angles, mask)
         return self._unpatchify(self.head(tokens, t_emb), grid)
@@ -299,12 +301,27 @@ class WanDiT(nn.Module):
         tokens = self._run_blocks(tokens, t_mod, cache.cross, audio_per_layer, q_angles, None, cache, view, k_angles)
         return self._unpatchify(self.head(tokens, t_emb), grid)
 
-    def new_cache(self, batch_size: int, tokens_per_frame: int, window_frames: int, sink_frames: int,
-                  position_mode="absolute", device=None, dtype=None) -> KVCache:
+    def new_cache(
+        self,
+        batch_size: int,
+        tokens_per_frame: int,
+        window_frames: int,
+        sink_frames: int,
+        position_mode="absolute",
+        device=None,
+        dtype=None,
+    ) -> KVCache:
         p = next(self.parameters())
         return KVCache(
-            num_layers=self.cfg.num_layers, batch_size=batch_size, num_heads=self.cfg.num_heads,
-            head_dim=self.cfg.dim // self.cfg.num_heads, tokens_per_frame=tokens_per_frame,
-            frames_per_block=self.frames_per_block, window_frames=window_frames, sink_frames=sink_frames,
-            position_mode=position_mode, device=device or p.device, dtype=dtype or p.dtype,
+            num_layers=self.cfg.num_layers,
+            batch_size=batch_size,
+            num_heads=self.cfg.num_heads,
+            head_dim=self.cfg.dim // self.cfg.num_heads,
+            tokens_per_frame=tokens_per_frame,
+            frames_per_block=self.frames_per_block,
+            window_frames=window_frames,
+            sink_frames=sink_frames,
+            position_mode=position_mode,
+            device=device or p.device,
+            dtype=dtype or p.dtype,
         )

@@ -29,8 +29,13 @@ def _build_from_config(cfg: VAEConfig, seed: int) -> AutoencoderKLWan:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKLWan(
-            base_dim=cfg.base_dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks,
-            temperal_downsample=cfg.temperal_downsample, attn_scales=[], **kwargs,
+            base_dim=cfg.base_dim,
+            z_dim=cfg.z_dim,
+            dim_mult=cfg.dim_mult,
+            num_res_blocks=cfg.num_res_blocks,
+            temperal_downsample=cfg.temperal_downsample,
+            attn_scales=[],
+            **kwargs,
         )
 
 
@@ -65,7 +70,9 @@ class WanVAE:
     def __init__(self, cfg: VAEConfig, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
         self.model = (_load_from_path(Path(cfg.path)) if cfg.path else _build_from_config(cfg, seed)).eval()
         self.model.requires_grad_(False)
-        self.model.to(device=device, dtype=dtype)
+        self.model.to(device=device)
+        if dtype != self.model.dtype:  # diffusers warns on any dtype cast, so cast only when needed
+            self.model.to(dtype=dtype)
         self.device, self.dtype = torch.device(device), dtype
         shape = (1, -1, 1, 1, 1)
         self.mean = torch.tensor(self.model.config.latents_mean, device=device, dtype=torch.float32).view(shape)
@@ -105,8 +112,9 @@ class VAEDecodeStream:
         outs = []
         for i in range(x.shape[2]):
             outs.append(
-                model.decoder(x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0],
-                              first_chunk=self.frames_in == 0)
+                model.decoder(
+                    x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.frames_in == 0
+                )
             )
             self.frames_in += 1
         out = torch.cat(outs, dim=2)

@@ -94,7 +94,16 @@ def test_new_prompt_takes_effect(toy_cfg):
 def test_teacher_sampler_keeps_student_states(toy_cfg):
     model = randomized(toy_cfg, causal=False)
     ref, text, audio = conditions(toy_cfg, 2)
-    final, kept = sample_teacher(model, toy_cfg, torch.randn(1, 16, 6, 8, 8), ref, text, torch.zeros_like(text),
-                                 audio, num_steps=8, keep_timesteps=[1000.0, 833.3333])
+    final, kept = sample_teacher(
+        model,
+        toy_cfg,
+        torch.randn(1, 16, 6, 8, 8),
+        ref,
+        text,
+        torch.zeros_like(text),
+        audio,
+        num_steps=8,
+        keep_timesteps=[1000.0, 833.3333],
+    )
     assert len(kept) == 2 and torch.equal(final[:, :, :1], ref)
     assert torch.equal(kept[0][:, :, :1], ref)

@@ -39,9 +39,18 @@ def toy_model(seed: int = 0, **overrides) -> tuple[WanDiT, object]:
 def tiny_diffusers(dim_heads: int, head_dim: int, ffn: int, text_dim: int, layers: int):
     torch.manual_seed(1)
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=dim_heads, attention_head_dim=head_dim, in_channels=16,
-        out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=ffn, num_layers=layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        patch_size=(1, 2, 2),
+        num_attention_heads=dim_heads,
+        attention_head_dim=head_dim,
+        in_channels=16,
+        out_channels=16,
+        text_dim=text_dim,
+        freq_dim=256,
+        ffn_dim=ffn,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
     ).eval()
 
 
@@ -90,9 +99,13 @@ def test_unreadable_sources_raise_checkpoint_error(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no config.yaml"):
         load_checkpoint(tmp_path)
-    for name, data in [("a.safetensors", b"garbage bytes " * 10), ("b.pt", b"garbage bytes"),
-                       ("c.bin", b"PK\x03\x04 not a zip"), ("d.safetensors", b"\x10\0\0\0\0\0\0\0{broken"),
-                       ("e", b"")]:
+    for name, data in [
+        ("a.safetensors", b"garbage bytes " * 10),
+        ("b.pt", b"garbage bytes"),
+        ("c.bin", b"PK\x03\x04 not a zip"),
+        ("d.safetensors", b"\x10\0\0\0\0\0\0\0{broken"),
+        ("e", b""),
+    ]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CheckpointError) as err:
             read_state_dict(tmp_path / name)
@@ -105,6 +118,7 @@ def test_unreadable_sources_raise_checkpoint_error(tmp_path: Path) -> None:
 def test_self_forcing_checkpoint_picks_ema_unless_told_not_to(tmp_path: Path) -> None:
     plain, _ = toy_model(seed=1)
     ema, _ = toy_model(seed=2)
+
     def wrap(m: WanDiT) -> dict[str, torch.Tensor]:  # FSDP state dict of Self-Forcing's WanDiffusionWrapper
         return {"model." + k: v for k, v in m.state_dict().items()}
 
@@ -131,7 +145,7 @@ def test_sharded_directory(tmp_path: Path) -> None:
     model, _ = toy_model()
     sd = model.state_dict()
     keys = list(sd)
-    shards = {"m-1.safetensors": keys[: len(keys) // 2], "m-2.safetensors": keys[len(keys) // 2:]}
+    shards = {"m-1.safetensors": keys[: len(keys) // 2], "m-2.safetensors": keys[len(keys) // 2 :]}
     for name, part in shards.items():
         save_file({k: sd[k].contiguous() for k in part}, tmp_path / name)
     weight_map = {k: name for name, part in shards.items() for k in part}
@@ -147,7 +161,9 @@ def test_wan_layout_is_strict_but_ignores_the_image_branch(tmp_path: Path) -> No
     sd["blocks.0.cross_attn.k_img.weight"] = torch.ones(3)
     save_file(sd, tmp_path / "i2v.safetensors")
     assert import_weights(toy_model()[0], tmp_path / "i2v.safetensors").ignored == [
-        "blocks.0.cross_attn.k_img.weight", "img_emb.proj.0.weight"]
+        "blocks.0.cross_attn.k_img.weight",
+        "img_emb.proj.0.weight",
+    ]
     sd["mystery.weight"] = torch.ones(3)
     del sd["blocks.3.ffn.0.bias"]
     save_file(sd, tmp_path / "bad.safetensors")
@@ -162,8 +178,7 @@ def test_wan_layout_is_strict_but_ignores_the_image_branch(tmp_path: Path) -> No
 
 # ---- diffusers ----
 # The tiny diffusers transformer of tiny_diffusers(2, 12, 32, 32, 2): 16 input channels, no audio.
-TINY = DiTConfig(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32,
-                 use_audio=False)
+TINY = DiTConfig(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, use_audio=False)
 
 
 def test_diffusers_mapping_covers_every_key_with_the_right_shape() -> None:
@@ -193,8 +208,11 @@ def test_diffusers_weights_give_the_same_outputs(tmp_path: Path, monkeypatch: py
         # The remaining gap is the timestep embedding: Wan computes it in float64, diffusers in float32.
         from diffusers.models.embeddings import get_timestep_embedding
 
-        monkeypatch.setattr(dit, "sinusoidal_embedding", lambda dim, tt: get_timestep_embedding(
-            tt.flatten(), dim, flip_sin_to_cos=True, downscale_freq_shift=0))
+        monkeypatch.setattr(
+            dit,
+            "sinusoidal_embedding",
+            lambda dim, tt: get_timestep_embedding(tt.flatten(), dim, flip_sin_to_cos=True, downscale_freq_shift=0),
+        )
         assert (want - model(x, t, ctx, torch.zeros(2, 0, 5, 16, 16))).abs().max() < 3e-6  # measured 7e-7
 
 
@@ -226,10 +244,13 @@ def test_key_hash_follows_livetalk_string_format() -> None:
     assert livetalk_key_hash(sd, with_shape=False) == hashlib.md5(b"a,b").hexdigest()
 
 
-@pytest.mark.parametrize(("preset", "expected", "count"), [
-    ("wan-1.3b", "2bf9513c7a3e908015f11a800fc9b820", 857),
-    ("wan-14b", "883a90b12576b9b8693a08cf690998dd", 1137),
-])
+@pytest.mark.parametrize(
+    ("preset", "expected", "count"),
+    [
+        ("wan-1.3b", "2bf9513c7a3e908015f11a800fc9b820", 857),
+        ("wan-14b", "883a90b12576b9b8693a08cf690998dd", 1137),
+    ],
+)
 def test_meta_model_matches_livetalk_merged_omniavatar_hash(preset: str, expected: str, count: int) -> None:
     cfg = load_config(preset)
     with torch.device("meta"):

@@ -72,8 +72,17 @@ def test_cached_blocks_equal_masked_forward(toy_cfg, sink, mode):
         blocks = []
         for s in range(0, frames, 3):
             sl = slice(s, s + 3)
-            blocks.append(model.forward_cached(inp["x"][:, :, sl], inp["t"][:, sl], inp["context"],
-                                               inp["y"][:, :, sl], cache, s, inp["audio"][:, sl]))
+            blocks.append(
+                model.forward_cached(
+                    inp["x"][:, :, sl],
+                    inp["t"][:, sl],
+                    inp["context"],
+                    inp["y"][:, :, sl],
+                    cache,
+                    s,
+                    inp["audio"][:, sl],
+                )
+            )
     assert (torch.cat(blocks, 2) - full).abs().max() < 1e-4
     assert full.abs().max() > 0.1  # the comparison is not between zeros
 

@@ -5,8 +5,17 @@ from livetalk_ray.models.kv_cache import KVCache
 
 
 def make_cache(window=15, sinks=9, mode="absolute") -> KVCache:
-    return KVCache(num_layers=1, batch_size=1, num_heads=1, head_dim=2, tokens_per_frame=1, frames_per_block=3,
-                   window_frames=window, sink_frames=sinks, position_mode=mode)
+    return KVCache(
+        num_layers=1,
+        batch_size=1,
+        num_heads=1,
+        head_dim=2,
+        tokens_per_frame=1,
+        frames_per_block=3,
+        window_frames=window,
+        sink_frames=sinks,
+        position_mode=mode,
+    )
 
 
 def cached_frames(cache: KVCache) -> list[int]:
@@ -61,6 +70,16 @@ def test_bad_window_is_rejected():
 
 
 def test_memory_is_fixed_by_the_window():
-    cache = KVCache(num_layers=30, batch_size=1, num_heads=12, head_dim=128, tokens_per_frame=1024,
-                    frames_per_block=3, window_frames=15, sink_frames=9, device="meta", dtype=torch.bfloat16)
+    cache = KVCache(
+        num_layers=30,
+        batch_size=1,
+        num_heads=12,
+        head_dim=128,
+        tokens_per_frame=1024,
+        frames_per_block=3,
+        window_frames=15,
+        sink_frames=9,
+        device="meta",
+        dtype=torch.bfloat16,
+    )
     assert cache.nbytes() == 30 * 2 * 15 * 1024 * 1536 * 2  # LiveTalk 1.3B at 512x512: ~2.6 GiB
