@@ -171,8 +171,11 @@ class AudioEncoder:
         a, b = self.span_samples(p_lo, p_hi)
         lo, hi = min(max(a - offset, 0), len(wave)), min(max(b - offset, 0), len(wave))
         # Normalise with the window's real audio only, then pad silence (zeros after normalisation).
-        real = self.normalize(wave[lo:hi]) if hi > lo else torch.zeros(0, device=self.device)
-        feats = self._cnn(F.pad(real, (lo + offset - a, b - hi - offset)))  # [1, C, p_hi - p_lo + 1]
+        if hi > lo:
+            x = F.pad(self.normalize(wave[lo:hi]), (lo + offset - a, b - hi - offset))
+        else:  # the window lies wholly outside the audio (e.g. a stream running on past its speech)
+            x = torch.zeros(b - a, device=self.device)
+        feats = self._cnn(x)  # [1, C, p_hi - p_lo + 1]
         pos = (times - p_lo).to(self.device)
         i0 = pos.floor().long().clamp(max=feats.shape[-1] - 1)
         i1 = (i0 + 1).clamp(max=feats.shape[-1] - 1)
