@@ -77,6 +77,37 @@ def model_info(
             print(f"{name} {'x'.join(str(d) for d in state[name].shape)}")
 
 
+@model_app.command("import")
+@friendly_errors
+def model_import(
+    source: Annotated[Path, typer.Argument(help="LiveTalk/OmniAvatar safetensors, diffusers dir, or Self-Forcing .pt")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "bfloat16",
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Self-Forcing dicts: take generator_ema")] = True,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Turn released weights into a livetalk checkpoint directory (model.safetensors + config.yaml)."""
+    import torch
+
+    from livetalk_ray.models.checkpoint import import_weights, save_checkpoint
+    from livetalk_ray.models.dit import WanDiT
+
+    cfg = resolve_config(preset or ("wan-1.3b" if config is None else None), config, set_)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    model = WanDiT.materialize(cfg.model, dtype=getattr(torch, dtype), frames_per_block=cfg.cache.frames_per_block)
+    report = import_weights(model, source, use_ema=ema)
+    save_checkpoint(model, cfg, out)
+    console.print(f"imported {report.loaded} tensors ({report.layout} layout) into {out}", highlight=False)
+    for label, keys in (("initialised", report.initialised), ("adapted", report.adapted), ("ignored", report.ignored)):
+        if keys:
+            console.print(
+                f"  {label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", highlight=False
+            )
+
+
 @app.command()
 @friendly_errors
 def generate(

@@ -184,3 +184,44 @@ def test_generate_from_a_saved_checkpoint(tmp_path, png, wav):
     )
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0
+
+
+def test_model_import_round_trips_through_generate_layout(tmp_path):
+    """A Wan-layout safetensors (as LiveTalk ships) becomes a checkpoint directory with identical tensors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from livetalk_ray.config import load_config
+    from livetalk_ray.models.dit import WanDiT
+
+    cfg = load_config("toy")
+    source = {k: v.contiguous() for k, v in WanDiT(cfg.model).state_dict().items()}
+    save_file(source, tmp_path / "released.safetensors")
+    result = run(
+        "model",
+        "import",
+        str(tmp_path / "released.safetensors"),
+        "--preset",
+        "toy",
+        "--dtype",
+        "float32",
+        "--out",
+        str(tmp_path / "ckpt"),
+    )
+    assert result.exit_code == 0, result.output
+    assert f"imported {len(source)} tensors (wan layout)" in result.output
+    written = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert written.keys() == source.keys() and all(torch.equal(written[k], source[k]) for k in source)
+    assert (tmp_path / "ckpt" / "config.yaml").is_file()
+    bad = run(
+        "model",
+        "import",
+        str(tmp_path / "released.safetensors"),
+        "--preset",
+        "toy",
+        "--set",
+        "model.dim=64",
+        "--out",
+        str(tmp_path / "x"),
+    )
+    assert_user_error(bad, "patch_embedding.weight: checkpoint has 128x33x1x2x2, model expects 64x33x1x2x2")

@@ -14,6 +14,7 @@ The output is the flow prediction v = noise - x0.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,14 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_angles(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Rotation angles [len(t_pos)*h*w, head_dim/2] for frames at time indices `t_pos` on an h x w grid.
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [S, head_dim/2] float32 on the model's device
 
-    Computed from positions rather than sliced from a table, so positions are unbounded."""
+
+def rope_table(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int, device) -> Rope:
+    """Rotations for frames at time indices `t_pos` on an h x w grid, one row per token.
+
+    Computed from positions (in float64, then cast) rather than sliced from a table, so positions are
+    unbounded; built once per forward and shared by every layer."""
     dims = rope_axis_dims(head_dim)
     positions = (t_pos.to(torch.float64), torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64))
     per_axis = []
@@ -48,7 +53,7 @@ def rope_angles(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int
         inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
         per_axis.append(torch.outer(pos, inv))
     f = len(t_pos)
-    return torch.cat(
+    angles = torch.cat(
         [
             per_axis[0][:, None, None].expand(f, h, w, -1),
             per_axis[1][None, :, None].expand(f, h, w, -1),
@@ -56,12 +61,12 @@ def rope_angles(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int
         ],
         dim=-1,
     ).reshape(f * h * w, head_dim // 2)
+    return torch.cos(angles).to(device, torch.float32), torch.sin(angles).to(device, torch.float32)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] by angles [S, head_dim/2]."""
-    cos = torch.cos(angles).to(device=x.device, dtype=torch.float32)[None, :, None]
-    sin = torch.sin(angles).to(device=x.device, dtype=torch.float32)[None, :, None]
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] (Wan's complex-pair layout)."""
+    cos, sin = rope[0][None, :, None], rope[1][None, :, None]
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
@@ -107,7 +112,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        q_angles: torch.Tensor,
+        q_rope: Rope,
         mask: torch.Tensor | None = None,
         cache: tuple[torch.Tensor, torch.Tensor, CacheView, torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -117,16 +122,16 @@ class SelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, heads)
         if cache is not None:
             # Un-rotated keys go into this block's slots; RoPE is applied at read time from positions.
-            k_cache, v_cache, view, k_angles = cache
+            k_cache, v_cache, view, k_rope = cache
             end = view.write_start + x.shape[1]
             k_cache[:, view.write_start : end] = k.detach().to(k_cache.dtype)
             v_cache[:, view.write_start : end] = v.detach().to(v_cache.dtype)
-            past_k = apply_rope(k_cache[:, view.read_tokens].to(q.dtype), k_angles)
-            k = torch.cat([past_k, apply_rope(k, q_angles)], dim=1)
+            past_k = apply_rope(k_cache[:, view.read_tokens].to(q.dtype), k_rope)
+            k = torch.cat([past_k, apply_rope(k, q_rope)], dim=1)
             v = torch.cat([v_cache[:, view.read_tokens].to(q.dtype), v], dim=1)
         else:
-            k = apply_rope(k, q_angles)
-        q = apply_rope(q, q_angles)
+            k = apply_rope(k, q_rope)
+        q = apply_rope(q, q_rope)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return self.o(out.transpose(1, 2).flatten(2))
 
@@ -161,13 +166,13 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
-    def forward(self, x, t_mod, text_kv, q_angles, mask=None, cache=None) -> torch.Tensor:
+    def forward(self, x, t_mod, text_kv, q_rope, mask=None, cache=None) -> torch.Tensor:
         # x [B, F, HW, dim]; t_mod [B, F, 6, dim]: each frame carries its own noise level.
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.modulation.unsqueeze(1) + t_mod).chunk(
             6, dim=2
         )
         h = self.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + self.self_attn(h.flatten(1, 2), q_angles, mask, cache).view_as(x) * gate_msa
+        x = x + self.self_attn(h.flatten(1, 2), q_rope, mask, cache).view_as(x) * gate_msa
         x = x + self.cross_attn(self.norm3(x).flatten(1, 2), text_kv).view_as(x)
         h = self.norm2(x) * (1 + scale_mlp) + shift_mlp
         return x + self.ffn(h) * gate_mlp
@@ -219,17 +224,35 @@ class WanDiT(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Wan's initialisation (a no-op on the meta device)."""
+        """Wan's initialisation, covering every parameter so that a model materialised from the meta
+        device with `to_empty` is fully defined (a no-op on the meta device itself)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, (DiTBlock, Head)):
+                nn.init.normal_(m.modulation, std=self.cfg.dim**-0.5)
         nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
         for seq in (self.text_embedding, self.time_embedding):
             for m in seq:
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+
+    @classmethod
+    def materialize(cls, cfg: DiTConfig, *, device="cpu", dtype=torch.float32, **kwargs) -> WanDiT:
+        """Build straight in `dtype` on `device` (a 14B model in bf16 never exists in fp32)."""
+        with torch.device("meta"):
+            model = cls(cfg, **kwargs).to(dtype)
+        model.to_empty(device=device)
+        model.init_weights()
+        return model
 
     # ---- shared pieces of both forward paths ----
     def _embed(self, x, t, y, audio):
@@ -251,13 +274,13 @@ class WanDiT(nn.Module):
         return tokens, t_emb, t_mod, audio_per_layer, (f, h, w)
 
     def _run_blocks(
-        self, tokens, t_mod, text_kvs, audio_per_layer, q_angles, mask=None, cache=None, view=None, k_angles=None
+        self, tokens, t_mod, text_kvs, audio_per_layer, q_rope, mask=None, cache=None, view=None, k_rope=None
     ):
         for i, block in enumerate(self.blocks):
             if audio_per_layer is not None and 2 <= i <= len(self.blocks) // 2:
                 tokens = tokens + audio_per_layer[i - 2]
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], view, k_angles)
-            tokens = block(tokens, t_mod, text_kvs[i], q_angles, mask, layer_cache)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], view, k_rope)
+            tokens = block(tokens, t_mod, text_kvs[i], q_rope, mask, layer_cache)
         return tokens
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -277,11 +300,10 @@ class WanDiT(nn.Module):
         `t` is [B] or per frame [B, F]; `frame_start` offsets the RoPE time index of the first frame."""
         tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
         f, h, w = grid
-        angles = rope_angles(
-            self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta, torch.arange(frame_start, frame_start + f), h, w
-        )
+        frames = torch.arange(frame_start, frame_start + f)
+        rope = rope_table(self.cfg.dim // self.cfg.num_heads, self.cfg.rope_theta, frames, h, w, x.device)
         mask = block_causal_mask(f, self.frames_per_block, h * w, x.device) if self.causal else None
-        tokens = self._run_blocks(tokens, t_mod, self.text_kvs(context), audio_per_layer, angles, mask)
+        tokens = self._run_blocks(tokens, t_mod, self.text_kvs(context), audio_per_layer, rope, mask)
         return self._unpatchify(self.head(tokens, t_emb), grid)
 
     def forward_cached(self, x, t, context, y, cache: KVCache, frame_start: int, audio=None) -> torch.Tensor:
@@ -295,10 +317,11 @@ class WanDiT(nn.Module):
         if cache.cross[0] is None:
             cache.cross = self.text_kvs(context)
         view = cache.prepare(frame_start, f)
+        view = replace(view, read_tokens=view.read_tokens.to(x.device))
         head_dim = self.cfg.dim // self.cfg.num_heads
-        q_angles = rope_angles(head_dim, self.cfg.rope_theta, view.query_positions, h, w)
-        k_angles = rope_angles(head_dim, self.cfg.rope_theta, view.read_positions, h, w)
-        tokens = self._run_blocks(tokens, t_mod, cache.cross, audio_per_layer, q_angles, None, cache, view, k_angles)
+        q_rope = rope_table(head_dim, self.cfg.rope_theta, view.query_positions, h, w, x.device)
+        k_rope = rope_table(head_dim, self.cfg.rope_theta, view.read_positions, h, w, x.device)
+        tokens = self._run_blocks(tokens, t_mod, cache.cross, audio_per_layer, q_rope, None, cache, view, k_rope)
         return self._unpatchify(self.head(tokens, t_emb), grid)
 
     def new_cache(
