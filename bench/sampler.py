@@ -138,10 +138,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sampler.json"))
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=120)
 
     toy = measure_toy(args.blocks)
-    table = Table(title=f"toy preset on this CPU ({toy['torch_threads']} threads), median of blocks 1..")
+    table = Table(title=f"toy preset, {toy['torch_threads']} CPU threads: median block after the first")
     table.add_column("stage")
     table.add_column("ms / block", justify="right")
     table.add_column("share", justify="right")
