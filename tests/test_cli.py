@@ -68,65 +68,33 @@ def png(tmp_path) -> Path:
     return path
 
 
+def generate(image: Path, audio: Path, *extra: str):
+    return run("generate", "--image", str(image), "--audio", str(audio), "--out", str(audio.parent / "o.mp4"), *extra)
+
+
 def test_unreadable_image(tmp_path, wav):
     bad = tmp_path / "face.jpg"
     bad.write_text("not an image")
-    assert_user_error(
-        run("generate", "--image", str(bad), "--audio", str(wav), "--out", str(tmp_path / "o.mp4")),
-        "cannot read",
-        "face.jpg",
-    )
-    assert_user_error(
-        run("generate", "--image", str(tmp_path / "none.png"), "--audio", str(wav), "--out", str(tmp_path / "o.mp4")),
-        "not found",
-    )
+    assert_user_error(generate(bad, wav), "cannot read", "face.jpg")
+    assert_user_error(generate(tmp_path / "none.png", wav), "not found")
 
 
 def test_empty_and_unreadable_audio(tmp_path, png):
     empty = tmp_path / "empty.wav"
     sf.write(empty, np.zeros(0, np.float32), 16000)
-    assert_user_error(
-        run("generate", "--image", str(png), "--audio", str(empty), "--out", str(tmp_path / "o.mp4")), "empty.wav"
-    )
+    assert_user_error(generate(png, empty), "empty.wav")
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"\x00" * 100)
-    assert_user_error(
-        run("generate", "--image", str(png), "--audio", str(junk), "--out", str(tmp_path / "o.mp4")), "junk.mp3"
-    )
+    assert_user_error(generate(png, junk), "junk.mp3")
 
 
 def test_wrong_checkpoint(tmp_path, png, wav):
-    assert_user_error(
-        run(
-            "generate",
-            "--image",
-            str(png),
-            "--audio",
-            str(wav),
-            "--out",
-            str(tmp_path / "o.mp4"),
-            "--checkpoint",
-            str(tmp_path),
-        ),
-        "config.yaml",
-    )
+    assert_user_error(generate(png, wav, "--checkpoint", str(tmp_path)), "config.yaml")
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.yaml").write_text("preset: toy\n")
     (ckpt / "model.safetensors").write_bytes(b"garbage")
-    assert_user_error(
-        run(
-            "generate",
-            "--image",
-            str(png),
-            "--audio",
-            str(wav),
-            "--out",
-            str(tmp_path / "o.mp4"),
-            "--checkpoint",
-            str(ckpt),
-        )
-    )
+    assert_user_error(generate(png, wav, "--checkpoint", str(ckpt)), "model.safetensors")
 
 
 def test_generate_end_to_end_with_the_real_fixtures(tmp_path, portrait, speech):
@@ -168,22 +136,9 @@ def test_generate_from_a_saved_checkpoint(tmp_path, png, wav):
 
     cfg = load_config("toy")
     save_checkpoint(WanDiT(cfg.model), cfg, tmp_path / "ckpt")
-    out = tmp_path / "o.mp4"
-    result = run(
-        "generate",
-        "--checkpoint",
-        str(tmp_path / "ckpt"),
-        "--image",
-        str(png),
-        "--audio",
-        str(wav),
-        "--out",
-        str(out),
-        "--seconds",
-        "0.5",
-    )
+    result = generate(png, wav, "--checkpoint", str(tmp_path / "ckpt"), "--seconds", "0.5")
     assert result.exit_code == 0, result.output
-    assert out.stat().st_size > 0
+    assert (tmp_path / "o.mp4").stat().st_size > 0
 
 
 def test_model_import_round_trips_through_generate_layout(tmp_path):
