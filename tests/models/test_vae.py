@@ -45,3 +45,13 @@ def test_bad_path_is_a_clear_error(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(VAEError, match="cannot read"):
         WanVAE(cfg.model_copy(update={"path": str(junk)}))
+
+
+def test_loads_a_local_diffusers_directory(vae, tmp_path):
+    from livetalk_ray.config import load_config
+
+    vae.model.save_pretrained(tmp_path / "root" / "vae")
+    cfg = load_config("toy").vae.model_copy(update={"path": str(tmp_path / "root")})
+    loaded = WanVAE(cfg)
+    latents = torch.randn(1, 16, 3, 8, 8)
+    assert torch.equal(loaded.decode(latents), vae.decode(latents))
