@@ -6,7 +6,10 @@ code 2; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +21,8 @@ from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve real-time talking avatars.")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets and checkpoints.")
 app.add_typer(model_app, name="model")
+data_app = typer.Typer(no_args_is_help=True, help="Curate and encode clips into training shards (Ray Data).")
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -27,12 +32,13 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. 
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from livetalk_ray.data.schema import SchemaError
     from livetalk_ray.models.audio import AudioError
     from livetalk_ray.models.checkpoint import CheckpointError
     from livetalk_ray.models.image import ImageError
     from livetalk_ray.models.vae import VAEError
 
-    return ConfigError, ImageError, AudioError, CheckpointError, VAEError, FileNotFoundError
+    return ConfigError, ImageError, AudioError, CheckpointError, VAEError, SchemaError, FileNotFoundError
 
 
 def friendly_errors(fn):
@@ -139,6 +145,81 @@ def generate(
     run_generate(
         cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint, console=console
     )
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None):
+    """Connect to a cluster at `address`, or start a local Ray for the duration of the command."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs; clusters set their own auth mode
+    if address and address != "auto" and not address.startswith("ray://"):
+        _check_reachable(address)  # ray.init would retry an unreachable GCS for minutes
+    kwargs = {"address": address} if address else {"include_dashboard": False}
+    try:
+        ray.init(log_to_driver=False, logging_level="ERROR", **kwargs)
+    except ConnectionError as exc:
+        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@data_app.command("prepare")
+@friendly_errors
+def data_prepare(
+    input: Annotated[Path, typer.Option("--input", help="directory of clips, or a .jsonl/.parquet manifest")],
+    out: Annotated[Path, typer.Option("--out", help="output directory (shards/, quarantine.parquet, stats.json)")],
+    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Decode, curate and encode clips into parquet shards; rejected clips are quarantined with a reason.
+    Rerunning skips finished shards."""
+    from livetalk_ray.data.pipeline import prepare
+
+    cfg = resolve_config(preset, config, set_)
+    if not input.exists():
+        raise FileNotFoundError(f"--input {input} does not exist")
+    with ray_session(address):
+        stats = prepare(cfg, input, out)
+    reasons = ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()) or "none"
+    console.print(f"{stats['clips_in']} clips in: {stats['accepted']} accepted into {stats['shards']} shards, "
+                  f"{stats['quarantined']} quarantined ({reasons}) → {out}", highlight=False)
+
+
+@app.command("demo-data")
+@friendly_errors
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    clips: Annotated[int, typer.Option("--clips", min=1, help="number of clips")] = 32,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    corrupt_fraction: Annotated[float, typer.Option("--corrupt-fraction", min=0.0, max=1.0)] = 0.0,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Render toy-world talking-head clips (mp4 + audio, reference image, caption), optionally some broken."""
+    from livetalk_ray.toyworld.clips import make_demo_dataset
+
+    cfg = resolve_config(preset, config, set_)
+    infos = make_demo_dataset(out, clips, seed, corrupt_fraction=corrupt_fraction, fps=cfg.video.fps,
+                              height=cfg.video.height, width=cfg.video.width, sample_rate=cfg.audio.sample_rate)
+    broken = sum(1 for i in infos if i.corruption)
+    console.print(f"wrote {len(infos)} clips ({broken} corrupted) to {out}", highlight=False)
 
 
 if __name__ == "__main__":

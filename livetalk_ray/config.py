@@ -149,6 +149,41 @@ class SamplerConfig(_Section):
     audio_guidance: float = 6.0
 
 
+class DataConfig(_Section):
+    """Curation thresholds and pipeline sizes of `livetalk data prepare` (see data/curation.py)."""
+
+    num_frames: int = 81  # video frames per training clip, 4k+1 (LiveTalk: 81 = 21 latent frames)
+    min_fps: float = 12.0
+    max_fps: float = 120.0
+    min_side: int = 64  # shorter side of the source video, pixels
+    max_frame_pixels: int = 4096 * 4096  # larger frames are refused before decoding
+    max_seconds: float = 3600.0
+    black_luma: float = 0.06  # a frame with mean luma (0..1) below this is black
+    black_max_fraction: float = 0.3
+    frozen_diff: float = 0.5 / 255  # mean absolute change between frames below this is frozen
+    frozen_max_fraction: float = 0.9
+    blur_min_laplacian_var: float = 20.0  # variance of the Laplacian of the sharpest frame, 0..255 luma
+    silence_dbfs: float = -45.0  # audio RMS below this is silence
+    max_av_offset_frames: int = 2  # |lag| of lower-face motion vs audio envelope allowed
+    av_min_correlation: float = 0.5  # an offset is only declared for a clear peak this strong ...
+    av_min_margin: float = 0.25  # ... and this much above the in-sync correlation
+    require_caption: bool = True
+    caption_rewriter: str | None = None  # "module:function" (str -> str), e.g. an LLM rewrite, after the rules
+    feature_dtype: Literal["float16", "float32"] = "float16"  # latents and features in the shards
+    clips_per_shard: int = 16
+    decode_cpus: float = 1.0  # CPUs per decode/curate task
+    decode_memory_mb: int = 1024  # memory reserved per decode task, so the scheduler does not over-pack them
+    encode_actors: int = 1
+    encode_gpus: float = 0.0  # GPUs per encoder actor (set 1 on GPU nodes, with runtime.device=cuda)
+    encode_batch_clips: int = 4
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if (self.num_frames - 1) % 4:
+            raise ValueError(f"data.num_frames must be 4k+1, got {self.num_frames}")
+        return self
+
+
 class RuntimeConfig(_Section):
     device: str = "auto"  # auto → cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
@@ -164,6 +199,7 @@ class LiveTalkConfig(_Section):
     audio: AudioEncoderConfig = Field(default_factory=AudioEncoderConfig)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -221,6 +257,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "vae": {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},
         "audio": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
         "text": {"max_length": 32, "d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128},
+        "data": {"num_frames": 33, "min_side": 32, "clips_per_shard": 8},
         "runtime": {"dtype": "float32"},
     },
 }
