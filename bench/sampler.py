@@ -32,7 +32,7 @@ LIVETALK_FPS, LIVETALK_FIRST_FRAME_S = 24.82, 0.33  # LiveTalk README
 
 def measure_toy(blocks: int) -> dict:
     from livetalk_ray.diffusion.pipeline import AvatarPipeline
-    from livetalk_ray.models.audio import load_audio
+    from livetalk_ray.media import load_audio
     from livetalk_ray.models.image import load_reference_image
 
     cfg = load_config("toy")

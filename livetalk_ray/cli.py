@@ -197,8 +197,11 @@ def data_prepare(
     with ray_session(address):
         stats = prepare(cfg, input, out)
     reasons = ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()) or "none"
-    console.print(f"{stats['clips_in']} clips in: {stats['accepted']} accepted into {stats['shards']} shards, "
-                  f"{stats['quarantined']} quarantined ({reasons}) → {out}", highlight=False)
+    console.print(
+        f"{stats['clips_in']} clips in: {stats['accepted']} accepted into {stats['shards']} shards, "
+        f"{stats['quarantined']} quarantined ({reasons}) → {out}",
+        highlight=False,
+    )
 
 
 @app.command("demo-data")
@@ -216,8 +219,16 @@ def demo_data(
     from livetalk_ray.toyworld.clips import make_demo_dataset
 
     cfg = resolve_config(preset, config, set_)
-    infos = make_demo_dataset(out, clips, seed, corrupt_fraction=corrupt_fraction, fps=cfg.video.fps,
-                              height=cfg.video.height, width=cfg.video.width, sample_rate=cfg.audio.sample_rate)
+    infos = make_demo_dataset(
+        out,
+        clips,
+        seed,
+        corrupt_fraction=corrupt_fraction,
+        fps=cfg.video.fps,
+        height=cfg.video.height,
+        width=cfg.video.width,
+        sample_rate=cfg.audio.sample_rate,
+    )
     broken = sum(1 for i in infos if i.corruption)
     console.print(f"wrote {len(infos)} clips ({broken} corrupted) to {out}", highlight=False)
 

@@ -10,50 +10,11 @@ import math
 import time
 from pathlib import Path
 
-import av
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from livetalk_ray.config import LiveTalkConfig
-
-
-class Mp4Writer:
-    """H.264 + AAC mp4 written incrementally, one block of frames and its audio at a time."""
-
-    def __init__(self, path: Path, fps: int, width: int, height: int, sample_rate: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.container = av.open(str(path), "w")
-        self.video = self.container.add_stream("libx264", rate=fps)
-        self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
-        self.video.options = {"crf": "18"}
-        self.audio = self.container.add_stream("aac", rate=sample_rate)
-        self.audio.layout = "mono"
-        self.fifo = av.AudioFifo()
-        self.sample_rate = sample_rate
-        self.samples_written = 0
-
-    def write(self, frames: np.ndarray, samples: np.ndarray) -> None:
-        for rgb in frames:
-            self.container.mux(self.video.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        if len(samples):
-            frame = av.AudioFrame.from_ndarray(samples.astype(np.float32)[None], format="flt", layout="mono")
-            frame.sample_rate, frame.pts = self.sample_rate, self.samples_written
-            self.samples_written += len(samples)
-            self.fifo.write(frame)
-            self._drain(self.audio.codec_context.frame_size)
-
-    def _drain(self, size: int) -> None:
-        for chunk in self.fifo.read_many(size, partial=False) if size else []:
-            self.container.mux(self.audio.encode(chunk))
-
-    def close(self) -> None:
-        rest = self.fifo.read(partial=True) if self.fifo.samples else None
-        if rest is not None:
-            self.container.mux(self.audio.encode(rest))
-        self.container.mux(self.video.encode(None))
-        self.container.mux(self.audio.encode(None))
-        self.container.close()
+from livetalk_ray.media import Mp4Writer
 
 
 def blocks_for_frames(num_frames: int, frames_per_block: int, frames_per_latent: int) -> int:
@@ -74,7 +35,7 @@ def run_generate(
     console: Console,
 ) -> dict:
     from livetalk_ray.diffusion.pipeline import AvatarPipeline
-    from livetalk_ray.models.audio import load_audio
+    from livetalk_ray.media import load_audio
     from livetalk_ray.models.image import load_reference_image
 
     # Inputs first: a bad file fails in a second, before any model is built.

@@ -35,11 +35,11 @@ def fixture_path(name: str) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def portrait() -> Path:
     return fixture_path("portrait.jpg")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def speech() -> Path:
     return fixture_path("speech_16k.wav")

@@ -135,7 +135,7 @@ def decode_audio(path: str, cfg: LiveTalkConfig) -> np.ndarray:
 
         wave = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=sr, mono=True).asnumpy()[0]
     except Exception:  # noqa: BLE001 - decord cannot read some codecs; PyAV can
-        from livetalk_ray.models.audio import AudioError, load_audio
+        from livetalk_ray.media import AudioError, load_audio
 
         try:
             wave = load_audio(path, sr)
@@ -167,19 +167,23 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / (x.std() + 1e-8)
 
 
-def av_offset(frames_luma: np.ndarray, audio: np.ndarray, max_lag: int = 8) -> tuple[int, float, float]:
-    """(best lag in frames, its correlation, correlation at lag 0) between lower-face motion and the change
-    of the audio envelope.
-
-    Lower-face motion is the mean absolute frame difference in the lower-centre region of the crop (the
-    face is centred by the reference preprocessing). Positive lag: the video lags the audio."""
+def mouth_darkness(frames_luma: np.ndarray) -> np.ndarray:
+    """Per frame, the share of clearly dark pixels in the lower-centre of the crop (the face is centred by
+    the cover-crop): an open mouth shows its dark interior, a closed one hardly any. Unlike frame
+    differences, this ignores head motion as long as the mouth stays inside the region."""
     t, h, w = frames_luma.shape
-    region = frames_luma[:, h // 2 : h * 7 // 8, w // 4 : w * 3 // 4]
-    motion = _standardise(np.abs(np.diff(region, axis=0)).mean(axis=(1, 2)))
-    speech = _standardise(np.abs(np.diff(frame_envelope(audio, t))))
+    region = frames_luma[:, h // 2 : h * 7 // 8, w // 4 : w * 3 // 4].reshape(t, -1)
+    return (region < 0.6 * np.median(region, axis=1, keepdims=True)).mean(axis=1)
+
+
+def av_offset(frames_luma: np.ndarray, audio: np.ndarray, max_lag: int = 8) -> tuple[int, float, float]:
+    """(best lag in frames, its correlation, the correlation in sync) between mouth darkness and the
+    speech envelope. Positive lag: the video lags the audio."""
+    mouth = _standardise(mouth_darkness(frames_luma))
+    speech = _standardise(frame_envelope(audio, len(frames_luma)))
     corr = {}
     for lag in range(-max_lag, max_lag + 1):
-        a = motion[max(lag, 0) : len(motion) + min(lag, 0)]
+        a = mouth[max(lag, 0) : len(mouth) + min(lag, 0)]
         b = speech[max(-lag, 0) : len(speech) + min(-lag, 0)]
         corr[lag] = float(np.mean(_standardise(a) * _standardise(b))) if len(a) > 4 else -1.0
     best = max(corr, key=corr.get)
@@ -193,13 +197,13 @@ def curate(frames: np.ndarray, audio: np.ndarray, cfg: LiveTalkConfig) -> dict[s
     black = float((mean_luma < d.black_luma).mean())
     if black > d.black_max_fraction:
         raise Rejected("curate", "black_frames", f"{black:.0%} of frames are black")
+    sharpness = [laplacian_variance(g) for g in y[:: max(1, len(y) // 8)]]
+    if max(sharpness) < d.blur_min_laplacian_var:
+        raise Rejected("curate", "blurry", f"Laplacian variance {max(sharpness):.1f} < {d.blur_min_laplacian_var}")
     change = np.abs(np.diff(y, axis=0)).mean(axis=(1, 2)) / 255
     frozen = float((change < d.frozen_diff).mean()) if len(change) else 1.0
     if frozen > d.frozen_max_fraction:
         raise Rejected("curate", "frozen_frames", f"{frozen:.0%} of frame changes are below {d.frozen_diff:.4f}")
-    sharpness = [laplacian_variance(g) for g in y[:: max(1, len(y) // 8)]]
-    if max(sharpness) < d.blur_min_laplacian_var:
-        raise Rejected("curate", "blurry", f"Laplacian variance {max(sharpness):.1f} < {d.blur_min_laplacian_var}")
     rms = float(np.sqrt(np.mean(np.square(audio))))
     dbfs = 20 * math.log10(rms + 1e-12)
     if dbfs < d.silence_dbfs:

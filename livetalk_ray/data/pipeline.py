@@ -276,13 +276,14 @@ def run_with_ray(items: list[dict], cfg: LiveTalkConfig) -> Iterator[dict]:
         batch_size=1,
         num_cpus=cfg.data.decode_cpus,
         memory=cfg.data.decode_memory_mb * 2**20,
+        max_retries=cfg.data.decode_max_retries,  # Ray Data retries a dying task forever by default
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs={"cfg_json": cfg_json},
+        fn_constructor_kwargs={"cfg_json": cfg_json, "threads": max(1, round(cfg.data.encode_cpus))},
         batch_size=cfg.data.encode_batch_clips,
         compute=ray.data.ActorPoolStrategy(size=cfg.data.encode_actors),
-        num_cpus=1,
+        num_cpus=cfg.data.encode_cpus,
         num_gpus=cfg.data.encode_gpus,
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy"):
@@ -309,7 +310,7 @@ def prepare(
     assembler = ShardAssembler(out, cfg, shards)
     todo = [k for k in range(len(shards)) if not assembler.is_done(k)]
     items = _items(shards, todo)
-    start = time.perf_counter()
+    start = time.perf_counter()  # wall time of the work done by this run (0 when everything was done)
     if items:
         results: Iterable[dict] = (run_with_ray if use_ray else run_in_process)(items, cfg)
         with _progress(len(items), len(sources) - len(items), enabled=progress) as advance:
@@ -317,7 +318,7 @@ def prepare(
                 assembler.add(result)
                 advance(result["status"])
         assembler.finish()
-    return finalize(out, shards, time.perf_counter() - start)
+    return finalize(out, shards, time.perf_counter() - start if items else 0.0)
 
 
 class _progress:

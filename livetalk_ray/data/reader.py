@@ -92,4 +92,4 @@ def ray_dataset(directory: str | Path, cfg: LiveTalkConfig, columns: list[str] |
     import ray
 
     files = check_shards(directory, cfg)
-    return ray.data.read_parquet([str(f) for f in files], columns=columns or training_columns(cfg))
+    return ray.data.read_parquet([str(f) for f in files]).select_columns(columns or training_columns(cfg))

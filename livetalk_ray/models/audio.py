@@ -9,78 +9,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import av
 import numpy as np
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from livetalk_ray.config import AudioEncoderConfig
+from livetalk_ray.media import AudioError, load_audio
 
-_SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}
-
-
-class AudioError(ValueError):
-    """Audio that cannot be used (missing, unreadable, empty, NaN); the message names the file or input."""
-
-
-def _resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
-    """Band-limited resampling of a mono float32 signal through libswresample (no scipy/torchaudio)."""
-    if sr == target:
-        return x
-    resampler = av.AudioResampler(format="fltp", layout="mono", rate=target)
-    outs: list[np.ndarray] = []
-    for i in range(0, len(x), 1 << 16):  # bounded frame size; the resampler keeps its state across chunks
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x[None, i : i + (1 << 16)]), "fltp", "mono")
-        frame.sample_rate = sr
-        outs += [f.to_ndarray()[0] for f in resampler.resample(frame)]
-    outs += [f.to_ndarray()[0] for f in resampler.resample(None)]  # flush the filter tail
-    return np.concatenate(outs).astype(np.float32) if outs else np.zeros(0, np.float32)
-
-
-def _decode_av(path: Path) -> tuple[np.ndarray, int]:
-    """Any container/codec FFmpeg knows (mp3, m4a, mp4 ...) → ([C, N] float32, sample rate)."""
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            raise AudioError(f"no audio stream in {path}")
-        stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # keeps layout and rate; only converts the sample format
-        chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_float.resample(frame)]
-        chunks += [f.to_ndarray() for f in to_float.resample(None)]
-        sr = stream.rate or stream.codec_context.sample_rate
-    if not chunks:
-        return np.zeros((1, 0), np.float32), int(sr or 16000)
-    return np.concatenate(chunks, axis=1).astype(np.float32), int(sr)
-
-
-def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Read an audio file as float32 mono at `sample_rate`; wav/flac/ogg via soundfile, the rest via PyAV."""
-    path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"audio file not found: {path}")
-    data: np.ndarray | None = None
-    if path.suffix.lower() in _SOUNDFILE_EXTS:
-        try:
-            raw, sr = sf.read(str(path), dtype="float32", always_2d=True)
-            data = raw.T  # [C, N]
-        except (sf.LibsndfileError, RuntimeError):
-            data = None  # e.g. a codec libsndfile lacks: let FFmpeg try before giving up
-    if data is None:
-        try:
-            data, sr = _decode_av(path)
-        except AudioError:
-            raise
-        except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-            raise AudioError(f"not a readable audio file: {path} ({type(exc).__name__})") from None
-    if data.shape[1] == 0:
-        raise AudioError(f"audio file has no samples: {path}")
-    mono = data.mean(axis=0)  # plain average downmix, identical for both decoders
-    finite = np.isfinite(mono)
-    if not finite.any():
-        raise AudioError(f"audio file contains only NaN/inf samples: {path}")
-    mono = np.where(finite, mono, 0.0).astype(np.float32)  # isolated bad samples become silence
-    return _resample_mono(mono, int(sr), sample_rate)
+__all__ = ["AudioEncoder", "AudioError", "StreamingAudioFeatures", "build_audio_encoder", "load_audio"]
 
 
 def _tiny_wav2vec2_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:

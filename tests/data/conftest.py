@@ -12,13 +12,19 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the same in every process of the test cluster
 
 
-def write_portrait_clip(portrait: Path, speech: Path, out_dir: Path, name: str = "portrait_talk",
-                        size: int = 96, fps: int = 16, seconds: float = 3.0) -> Path:
+def write_portrait_clip(
+    portrait: Path,
+    speech: Path,
+    out_dir: Path,
+    name: str = "portrait_talk",
+    size: int = 96,
+    fps: int = 16,
+    seconds: float = 3.0,
+) -> Path:
     """A real-world clip: the shared portrait with a slow push-in and sway, and the shared real speech."""
     from PIL import Image
 
-    from livetalk_ray.generate import Mp4Writer
-    from livetalk_ray.models.audio import load_audio
+    from livetalk_ray.media import Mp4Writer, load_audio
 
     image = Image.open(portrait).convert("RGB").resize((size * 2, size * 2))
     wave = load_audio(speech)

@@ -1,0 +1,112 @@
+"""The Ray Data pipeline on a real local Ray: toy clips with every corruption, a real-world clip, faults."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from livetalk_ray.config import load_config
+from livetalk_ray.data.pipeline import prepare
+from livetalk_ray.data.reader import ShardReader, ray_dataset
+from livetalk_ray.data.schema import SchemaError
+from livetalk_ray.toyworld.clips import make_demo_dataset
+
+from .conftest import write_portrait_clip
+
+EXPECTED_REASON = {
+    "truncated": "unreadable_video",
+    "zero_bytes": "unreadable_video",
+    "not_a_video": "unreadable_video",
+    "black_frames": "black_frames",
+    "heavy_blur": "blurry",
+    "silence": "silence",
+    "wrong_fps": "fps_out_of_range",
+    "missing_caption": "missing_caption",
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory, portrait, speech):
+    root = tmp_path_factory.mktemp("data")
+    clips = root / "in"
+    infos = make_demo_dataset(clips, 11, seed=3, corrupt_fraction=8 / 11)
+    write_portrait_clip(portrait, speech, clips)
+    # two clean clips whose captions make the caption rewriter fail: once with an exception, once by
+    # killing its worker process outright
+    for marker, name in (("EXPLODE", "explode"), ("CRASH", "crash")):
+        write_portrait_clip(portrait, speech, clips, name=name)
+        (clips / f"{name}.json").write_text(json.dumps({"caption": f"A person talks. {marker}"}))
+    (clips / "stray.dat").write_text("not a clip")
+    cfg = load_config(
+        "toy", overrides=["data.caption_rewriter=tests.data.faults:fail_on_marker", "data.clips_per_shard=4"]
+    )
+    stats = prepare(cfg, clips, root / "out", progress=False)
+    return cfg, root, infos, stats
+
+
+def test_every_input_is_counted_with_its_reason(prepared):
+    cfg, root, infos, stats = prepared
+    assert stats["clips_in"] == len(infos) + 3 + 1 == stats["accepted"] + stats["quarantined"]
+    quarantine = {r["clip_id"]: r for r in pq.read_table(root / "out" / "quarantine.parquet").to_pylist()}
+    for info in infos:
+        if info.corruption:
+            assert quarantine[info.clip_id]["reason"] == EXPECTED_REASON[info.corruption], info
+        else:
+            assert info.clip_id not in quarantine, quarantine.get(info.clip_id)
+    assert quarantine["explode"]["reason"] == "decode_error" and "exploded" in quarantine["explode"]["detail"]
+    assert quarantine["crash"]["reason"] == "worker_lost"
+    assert quarantine["stray.dat"]["reason"] == "unsupported_file"
+    assert "portrait_talk" not in quarantine
+    assert sum(stats["reasons"].values()) == stats["quarantined"]
+    assert json.loads((root / "out" / "stats.json").read_text()) == stats
+
+
+def test_shards_have_the_schema_and_shapes(prepared):
+    cfg, root, _, stats = prepared
+    reader = ShardReader(root / "out", cfg)
+    assert len(reader) == stats["accepted"]
+    batch = next(reader.iter_batches(batch_size=2))
+    assert batch["latents"].shape == (2, 16, 9, 8, 8)
+    assert batch["audio_features"].shape == (2, 33, cfg.audio.feature_dim)
+    assert batch["text_embedding"].shape == (2, cfg.text.max_length, cfg.text.d_model)
+    assert batch["ref_image"].shape == (2, 64, 64, 3)
+    assert all("talk" in c for c in batch["caption"])
+    other = load_config("toy", overrides=["text.max_length=16"])
+    with pytest.raises(SchemaError, match="text_embedding"):
+        ShardReader(root / "out", other)
+
+
+def test_ray_dataset_feeds_torch_batches(prepared):
+    cfg, root, _, stats = prepared
+    rows = 0
+    for batch in ray_dataset(root / "out", cfg).iter_torch_batches(batch_size=4):
+        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (16, 1, 8, 8)
+        rows += len(batch["latents"])
+    assert rows == stats["accepted"]
+
+
+def test_rerun_is_a_no_op(prepared):
+    cfg, root, _, stats = prepared
+    shards = sorted((root / "out" / "shards").glob("*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    again = prepare(cfg, root / "in", root / "out", progress=False)
+    assert {k: v for k, v in again.items() if k != "wall_seconds_last_run"} == {
+        k: v for k, v in stats.items() if k != "wall_seconds_last_run"
+    }
+    assert again["wall_seconds_last_run"] == 0  # no clip was processed again
+    assert {p: p.stat().st_mtime_ns for p in shards} == before
+
+
+def test_resume_after_an_interrupted_run(prepared, tmp_path):
+    """Drop one shard's done-marker and file, as if the job died while writing it: only it is redone."""
+    cfg, root, _, stats = prepared
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    (out / "_done" / "shard-00001.json").unlink()
+    (out / "shards" / "shard-00001.parquet").unlink(missing_ok=True)
+    kept = (out / "shards" / "shard-00000.parquet").stat().st_mtime_ns
+    again = prepare(cfg, root / "in", out, progress=False)
+    assert again["accepted"] == stats["accepted"] and again["reasons"] == stats["reasons"]
+    assert (out / "shards" / "shard-00000.parquet").stat().st_mtime_ns == kept
