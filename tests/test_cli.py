@@ -180,3 +180,24 @@ def test_model_import_round_trips_through_generate_layout(tmp_path):
         str(tmp_path / "x"),
     )
     assert_user_error(bad, "patch_embedding.weight: checkpoint has 128x33x1x2x2, model expects 64x33x1x2x2")
+
+
+def test_demo_data_then_prepare(tmp_path):
+    """The data commands as a user runs them: toy clips (one broken), then Ray Data into shards."""
+    import json
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    result = run(
+        "demo-data", "--out", str(tmp_path / "clips"), "--clips", "4", "--seed", "2", "--corrupt-fraction", "0.25"
+    )
+    assert result.exit_code == 0, result.output
+    assert "wrote 4 clips (1 corrupted)" in result.output
+    result = run("data", "prepare", "--input", str(tmp_path / "clips"), "--out", str(tmp_path / "shards"))
+    assert result.exit_code == 0, result.output
+    stats = json.loads((tmp_path / "shards" / "stats.json").read_text())
+    assert (stats["clips_in"], stats["accepted"], stats["quarantined"]) == (4, 3, 1)
+    assert "4 clips in: 3 accepted" in result.output
+    assert_user_error(
+        run("data", "prepare", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "x")), "does not exist"
+    )

@@ -290,18 +290,25 @@ def run_with_ray(items: list[dict], cfg: LiveTalkConfig) -> Iterator[dict]:
         yield from _rows(batch)
 
 
-def run_in_process(items: list[dict], cfg: LiveTalkConfig) -> Iterator[dict]:
+def run_in_process(items: list[dict], cfg: LiveTalkConfig, threads: int = 1) -> Iterator[dict]:
     """The same stage functions in one process, one clip after another (the benchmark's baseline)."""
     cfg_json = cfg.model_dump(mode="json")
-    encoder = EncodeStage(cfg_json, threads=os.cpu_count() or 1)
+    encoder = EncodeStage(cfg_json, threads=threads)
     for item in items:
         batch = {k: np.array([v], dtype=object) for k, v in item.items()}
         yield from _rows(encoder(decode_stage(batch, cfg_json)))
 
 
 def prepare(
-    cfg: LiveTalkConfig, input_path: str | Path, out: str | Path, *, use_ray: bool = True, progress: bool = True
+    cfg: LiveTalkConfig,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    local_threads: int | None = None,
+    progress: bool = True,
 ) -> dict:
+    """Prepare shards through Ray Data (Ray must be initialised), or with `local_threads` set, in this
+    process without Ray (torch using that many threads)."""
     out = Path(out)
     root, sources = discover(input_path)
     shards = plan_shards(sources, cfg.data.clips_per_shard)
@@ -312,7 +319,9 @@ def prepare(
     items = _items(shards, todo)
     start = time.perf_counter()  # wall time of the work done by this run (0 when everything was done)
     if items:
-        results: Iterable[dict] = (run_with_ray if use_ray else run_in_process)(items, cfg)
+        results: Iterable[dict] = (
+            run_with_ray(items, cfg) if local_threads is None else run_in_process(items, cfg, local_threads)
+        )
         with _progress(len(items), len(sources) - len(items), enabled=progress) as advance:
             for result in results:
                 assembler.add(result)
