@@ -28,22 +28,34 @@ class ClipEncoder:
         self.feature_dtype = np.dtype(cfg.data.feature_dtype)
 
     @torch.no_grad()
-    def encode(self, clip: CuratedClip) -> dict:
-        """One clip → the tensor columns of the shard schema (numpy)."""
+    def encode(self, clips: list[CuratedClip]) -> list[dict]:
+        """Clips → the tensor columns of the shard schema (numpy), one dict per clip.
+
+        The VAE runs once over the whole batch (its per-frame Python loop dominates at small sizes);
+        every clip has the same frame count and resolution, so they stack."""
         cfg = self.cfg
-        video = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1  # [1, 3, T, H, W]
-        latents = self.vae.encode(video)[0]
-        ref = torch.from_numpy(clip.ref_image).permute(2, 0, 1)[None, :, None].float() / 127.5 - 1
-        ref_latent = self.vae.encode(ref)[0]
-        # Time-exact alignment, the same convention the streaming sampler uses for its audio windows.
-        audio_features = self.audio.encode_timed(clip.audio, cfg.video.fps, cfg.data.num_frames)
-        text = self.text.encode([clip.caption])[0]
-        text_len = int(self.text.tokenize([clip.caption])[1].sum())
-        as_np = lambda t: t.float().cpu().numpy().astype(self.feature_dtype)  # noqa: E731
-        return {
-            "latents": as_np(latents),
-            "ref_latent": as_np(ref_latent),
-            "audio_features": as_np(audio_features),
-            "text_embedding": as_np(text),
-            "text_len": text_len,
-        }
+        video = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+        latents = self.vae.encode(video)  # [B, z, F_lat, h, w]
+        refs = torch.from_numpy(np.stack([c.ref_image for c in clips])).permute(0, 3, 1, 2)[:, :, None]
+        ref_latents = self.vae.encode(refs.float() / 127.5 - 1)
+        captions = [c.caption for c in clips]
+        text = self.text.encode(captions)
+        text_lens = self.text.tokenize(captions)[1].sum(dim=1).tolist()
+
+        def as_np(t: torch.Tensor) -> np.ndarray:
+            return t.float().cpu().numpy().astype(self.feature_dtype)
+
+        out = []
+        for i, clip in enumerate(clips):
+            # Time-exact alignment, the same convention the streaming sampler uses for its audio windows.
+            audio_features = self.audio.encode_timed(clip.audio, cfg.video.fps, cfg.data.num_frames)
+            out.append(
+                {
+                    "latents": as_np(latents[i]),
+                    "ref_latent": as_np(ref_latents[i]),
+                    "audio_features": as_np(audio_features),
+                    "text_embedding": as_np(text[i]),
+                    "text_len": int(text_lens[i]),
+                }
+            )
+        return out

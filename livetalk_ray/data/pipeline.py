@@ -97,42 +97,40 @@ class EncodeStage:
         self.encoder = ClipEncoder(LiveTalkConfig.model_validate(cfg_json))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = []
-        for row in _rows(batch):
-            if row["status"] != "curated":
-                out.append(row)
-                continue
-            start = time.perf_counter()
-            try:
-                clip = pickle.loads(row["payload"])
-                encoded = self.encoder.encode(clip)
-                record = {
-                    "clip_id": clip.clip_id,
-                    "source": clip.source,
-                    "caption": clip.caption,
-                    "raw_caption": clip.raw_caption,
-                    "ref_source": clip.ref_source,
-                    "quality": json.dumps(clip.quality),
-                    "audio": clip.audio,
-                    "ref_image": clip.ref_image,
-                    **encoded,
-                }
-                seconds = {**json.loads(row["seconds"]), "encode": time.perf_counter() - start}
-                out.append(
-                    _result(row["clip_id"], row["shard"], "accepted", payload=pickle.dumps(record), seconds=seconds)
-                )
-            except Exception as exc:  # noqa: BLE001 - one clip's encoder failure quarantines that clip
-                out.append(
-                    _result(
-                        row["clip_id"],
-                        row["shard"],
-                        "quarantined",
-                        "encode",
-                        "encode_error",
-                        f"{type(exc).__name__}: {exc}",
-                    )
-                )
-        return _columns(out)
+        rows = _rows(batch)
+        passed = [row for row in rows if row["status"] != "curated"]  # quarantined rows pass through
+        curated = [row for row in rows if row["status"] == "curated"]
+        results = self._encode_rows(curated) if curated else []
+        if len(curated) > 1 and results[0]["status"] == "quarantined":  # the batch failed: find the culprit
+            results = [self._encode_rows([row])[0] for row in curated]
+        return _columns(passed + results)
+
+    def _encode_rows(self, rows: list[dict]) -> list[dict]:
+        start = time.perf_counter()
+        try:
+            clips = [pickle.loads(row["payload"]) for row in rows]
+            encoded = self.encoder.encode(clips)
+        except Exception as exc:  # noqa: BLE001 - an encoder failure quarantines its clips, never the job
+            detail = f"{type(exc).__name__}: {exc}"
+            return [_result(r["clip_id"], r["shard"], "quarantined", "encode", "encode_error", detail) for r in rows]
+        seconds = (time.perf_counter() - start) / len(rows)
+        return [self._result(r, c, e, seconds) for r, c, e in zip(rows, clips, encoded, strict=True)]
+
+    @staticmethod
+    def _result(row: dict, clip, encoded: dict, encode_seconds: float) -> dict:
+        record = {
+            "clip_id": clip.clip_id,
+            "source": clip.source,
+            "caption": clip.caption,
+            "raw_caption": clip.raw_caption,
+            "ref_source": clip.ref_source,
+            "quality": json.dumps(clip.quality),
+            "audio": clip.audio,
+            "ref_image": clip.ref_image,
+            **encoded,
+        }
+        seconds = {**json.loads(row["seconds"]), "encode": encode_seconds}
+        return _result(row["clip_id"], row["shard"], "accepted", payload=pickle.dumps(record), seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------ shards
@@ -291,12 +289,18 @@ def run_with_ray(items: list[dict], cfg: LiveTalkConfig) -> Iterator[dict]:
 
 
 def run_in_process(items: list[dict], cfg: LiveTalkConfig, threads: int = 1) -> Iterator[dict]:
-    """The same stage functions in one process, one clip after another (the benchmark's baseline)."""
+    """The same stage functions in one process without Ray: clips decoded one after another and encoded in
+    batches of `encode_batch_clips`, as the actor pool does (the benchmark's baseline)."""
     cfg_json = cfg.model_dump(mode="json")
     encoder = EncodeStage(cfg_json, threads=threads)
-    for item in items:
-        batch = {k: np.array([v], dtype=object) for k, v in item.items()}
-        yield from _rows(encoder(decode_stage(batch, cfg_json)))
+    size = cfg.data.encode_batch_clips
+    for i in range(0, len(items), size):
+        decoded = [
+            decode_stage({k: np.array([v], dtype=object) for k, v in item.items()}, cfg_json)
+            for item in items[i : i + size]
+        ]
+        batch = {c: np.concatenate([d[c] for d in decoded]) for c in RESULT_COLUMNS}
+        yield from _rows(encoder(batch))
 
 
 def prepare(

@@ -110,3 +110,24 @@ def test_resume_after_an_interrupted_run(prepared, tmp_path):
     again = prepare(cfg, root / "in", out, progress=False)
     assert again["accepted"] == stats["accepted"] and again["reasons"] == stats["reasons"]
     assert (out / "shards" / "shard-00000.parquet").stat().st_mtime_ns == kept
+
+
+def test_an_encoder_failure_quarantines_only_its_clip(prepared):
+    """A corrupt payload in a batch: the batch is retried clip by clip and only that clip is quarantined."""
+    import pickle
+
+    import numpy as np
+
+    from livetalk_ray.data.curation import prepare_clip
+    from livetalk_ray.data.pipeline import RESULT_COLUMNS, EncodeStage, _result
+    from livetalk_ray.data.sources import discover
+
+    cfg, root, _, _ = prepared
+    _, sources = discover(root / "in")
+    good = next(s for s in sources if s.clip_id == "portrait_talk")
+    rows = [_result("good", 0, "curated", payload=pickle.dumps(prepare_clip(good, cfg))),
+            _result("bad", 0, "curated", payload=b"not a pickle")]
+    out = EncodeStage(cfg.model_dump(mode="json"))({c: np.array([r[c] for r in rows], dtype=object)
+                                                     for c in RESULT_COLUMNS})
+    status = dict(zip(out["clip_id"], zip(out["status"], out["reason"], strict=True), strict=True))
+    assert status == {"good": ("accepted", ""), "bad": ("quarantined", "encode_error")}
