@@ -174,6 +174,7 @@ class DataConfig(_Section):
     decode_cpus: float = 1.0  # CPUs per decode/curate task
     decode_memory_mb: int = 1024  # memory reserved per decode task, so the scheduler does not over-pack them
     decode_max_retries: int = 2  # a clip whose task keeps killing its worker is then quarantined (worker_lost)
+    decode_batch_clips: int = 1  # clips per decode task; a worker crash loses the whole task's clips
     encode_actors: int = 1
     encode_cpus: float = 1.0  # logical CPUs held by each encoder actor (it runs torch with that many threads)
     encode_gpus: float = 0.0  # GPUs per encoder actor (set 1 on GPU nodes, with runtime.device=cuda)

@@ -265,13 +265,14 @@ def run_with_ray(items: list[dict], cfg: LiveTalkConfig) -> Iterator[dict]:
     ctx.enable_progress_bars = False  # the driver shows one progress bar over clips
     ctx.max_errored_blocks = -1  # a block lost for good is accounted for as worker_lost, not a failed job
     cfg_json = cfg.model_dump(mode="json")
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    blocks = max(1, -(-len(items) // cfg.data.decode_batch_clips))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
     # The memory request also keeps Ray from fusing decoding into the encoder actors, which would
     # serialise it behind them.
     ds = ds.map_batches(
         decode_stage,
         fn_kwargs={"cfg_json": cfg_json},
-        batch_size=1,
+        batch_size=cfg.data.decode_batch_clips,
         num_cpus=cfg.data.decode_cpus,
         memory=cfg.data.decode_memory_mb * 2**20,
         max_retries=cfg.data.decode_max_retries,  # Ray Data retries a dying task forever by default
