@@ -266,6 +266,8 @@ def read_caption(source: ClipSource) -> str | None:
     if not source.caption_file:
         return None
     p = Path(source.caption_file)
+    if not p.is_file():
+        return None  # a manifest may name a caption file that is not there: the caption is missing
     try:
         if p.suffix == ".json":
             data = json.loads(p.read_text())

@@ -72,7 +72,7 @@ class ClipInfo:
             "id": self.clip_id,
             "video": rel(self.video),
             "ref_image": rel(self.ref_image),
-            "caption": rel(self.caption),
+            "caption_file": rel(self.caption),  # the key `livetalk data prepare` reads in manifests
             "truth": rel(self.truth),
             "corruption": self.corruption,
         }

@@ -125,9 +125,12 @@ def test_an_encoder_failure_quarantines_only_its_clip(prepared):
     cfg, root, _, _ = prepared
     _, sources = discover(root / "in")
     good = next(s for s in sources if s.clip_id == "portrait_talk")
-    rows = [_result("good", 0, "curated", payload=pickle.dumps(prepare_clip(good, cfg))),
-            _result("bad", 0, "curated", payload=b"not a pickle")]
-    out = EncodeStage(cfg.model_dump(mode="json"))({c: np.array([r[c] for r in rows], dtype=object)
-                                                     for c in RESULT_COLUMNS})
+    rows = [
+        _result("good", 0, "curated", payload=pickle.dumps(prepare_clip(good, cfg))),
+        _result("bad", 0, "curated", payload=b"not a pickle"),
+    ]
+    out = EncodeStage(cfg.model_dump(mode="json"))(
+        {c: np.array([r[c] for r in rows], dtype=object) for c in RESULT_COLUMNS}
+    )
     status = dict(zip(out["clip_id"], zip(out["status"], out["reason"], strict=True), strict=True))
     assert status == {"good": ("accepted", ""), "bad": ("quarantined", "encode_error")}

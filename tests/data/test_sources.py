@@ -63,3 +63,13 @@ def test_bad_input_is_a_clear_error(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json")
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         discover(tmp_path / "bad.jsonl")
+
+
+def test_toy_world_manifest_is_a_valid_input(tmp_path):
+    from livetalk_ray.toyworld.clips import make_demo_dataset
+
+    infos = make_demo_dataset(tmp_path, 2, seed=0, progress=False)
+    root, sources = discover(tmp_path / "manifest.jsonl")
+    assert root == tmp_path.resolve()
+    assert [s.clip_id for s in sources] == [i.clip_id for i in infos]
+    assert all(s.caption_file and s.ref_image and s.reject_reason is None for s in sources)

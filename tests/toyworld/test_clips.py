@@ -71,9 +71,9 @@ def test_manifest(clean_set: list[ClipInfo]) -> None:
     rows = read_manifest(root / "manifest.jsonl")
     assert [r["id"] for r in rows] == [i.clip_id for i in clean_set]
     for row in rows:
-        assert set(row) == {"id", "video", "ref_image", "caption", "truth", "corruption"}
+        assert set(row) == {"id", "video", "ref_image", "caption_file", "truth", "corruption"}
         assert row["corruption"] is None
-        for key in ("video", "ref_image", "caption", "truth"):
+        for key in ("video", "ref_image", "caption_file", "truth"):
             assert not Path(row[key]).is_absolute() and (root / row[key]).is_file()
     assert len({i.identity_seed for i in clean_set}) == 6  # num_identities=6
     assert len({i.seed for i in clean_set}) == 12
