@@ -187,6 +187,34 @@ class DataConfig(_Section):
         return self
 
 
+class OptimConfig(_Section):
+    """AdamW and its schedule (LiveTalk ODE init: 4e-5, betas (0.9, 0.999), no weight decay)."""
+
+    lr: float = 4e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.max_steps
+
+
+class EngineConfig(_Section):
+    """How one model trains: DeepSpeed (ZeRO stage) or plain torch (DDP when distributed)."""
+
+    backend: Literal["deepspeed", "torch"] = "deepspeed"
+    zero_stage: int = Field(default=2, ge=0, le=2)  # stage 3 would shard weights the Wan-layout export reads
+    micro_batch_per_worker: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: float = 10.0
+
+
+class TrainConfig(_Section):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    max_steps: int = 1000
+    checkpoint_every: int = 100
+
+
 class RuntimeConfig(_Section):
     device: str = "auto"  # auto → cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
@@ -203,6 +231,7 @@ class LiveTalkConfig(_Section):
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

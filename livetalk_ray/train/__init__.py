@@ -1,0 +1,1 @@
+"""Training: engines, stages and the DMD roles (Ray Train / Ray actors)."""
