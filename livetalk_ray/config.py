@@ -208,7 +208,16 @@ class EngineConfig(_Section):
     grad_clip: float = 10.0
 
 
+class TeacherConfig(_Section):
+    """Bidirectional teacher fine-tune: per-sample condition dropout so text and audio CFG work."""
+
+    text_dropout: float = 0.1  # text embedding replaced by zeros (the empty / negative prompt)
+    audio_dropout: float = 0.1  # wav2vec2 features replaced by zeros, as the "no audio" CFG branch
+    reference_dropout: float = 0.05  # reference latent zeroed (mask kept), frame 0 then has to be generated
+
+
 class TrainConfig(_Section):
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     max_steps: int = 1000
