@@ -23,6 +23,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets and ch
 app.add_typer(model_app, name="model")
 data_app = typer.Typer(no_args_is_help=True, help="Curate and encode clips into training shards (Ray Data).")
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(no_args_is_help=True, help="Training stages (resumable, checkpoints under RUN_DIR).")
+app.add_typer(train_app, name="train")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -231,6 +233,49 @@ def demo_data(
     )
     broken = sum(1 for i in infos if i.corruption)
     console.print(f"wrote {len(infos)} clips ({broken} corrupted) to {out}", highlight=False)
+
+
+@train_app.command("vae")
+@friendly_errors
+def train_vae_command(
+    data: Annotated[Path, typer.Option("--data", help="directory of toy-world clips")],
+    out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints/step_NNNNNN/vae)")],
+    max_steps: Annotated[int, typer.Option("--max-steps", min=0)] = 2000,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit the toy preset's VAE on toy-world clips and report PSNR (real presets use the Wan VAE)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from livetalk_ray.train.vae import train_vae
+
+    cfg = resolve_config(preset, config, set_)
+    if cfg.preset != "toy":
+        raise ConfigError("train vae fits the toy VAE only; real presets load the pretrained Wan VAE (vae.path)")
+    with Progress(
+        TextColumn("[bold]vae"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("steps", total=max_steps, loss="-")
+        result = train_vae(
+            cfg,
+            data,
+            out,
+            max_steps,
+            resume,
+            on_step=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
+        )
+    last = result["history"][-1]
+    console.print(
+        f"step {last['step']}: held-out PSNR {last['psnr_db']:.2f} dB → use --set vae.path={result['vae_path']}",
+        highlight=False,
+    )
 
 
 if __name__ == "__main__":

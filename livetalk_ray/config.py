@@ -216,8 +216,19 @@ class TeacherConfig(_Section):
     reference_dropout: float = 0.05  # reference latent zeroed (mask kept), frame 0 then has to be generated
 
 
+class VAETrainConfig(_Section):
+    """Toy VAE fit (`livetalk train vae`): real presets use the pretrained Wan VAE instead."""
+
+    lr: float = 1e-3
+    window_frames: int = 17  # 4k+1 video frames per training window
+    clips_per_step: int = 4
+    kl_weight: float = 1e-6
+    eval_clips: int = 4  # held-out clips for the PSNR report
+
+
 class TrainConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     max_steps: int = 1000

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,12 @@ class TrainEngine:
         return self.optimizer.param_groups[0]["lr"]
 
     # ---- checkpoints ----
-    def save(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Full state at the current step; every rank calls it (DeepSpeed gathers), rank 0 writes the rest."""
+    def save(
+        self, run_dir: str | Path, extra: dict[str, Any] | None = None, export: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Full state at the current step; every rank calls it (DeepSpeed gathers), rank 0 writes the rest.
+
+        `export(directory)` writes the deployable weights; by default the DiT in LiveTalk's Wan layout."""
         from livetalk_ray.models.checkpoint import save_checkpoint
 
         directory = checkpoint_path(run_dir, self.step)
@@ -165,13 +170,20 @@ class TrainEngine:
         elif rank == 0:
             (directory / "train_state").mkdir(exist_ok=True)
             torch.save(
-                {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                },
                 directory / "train_state" / "torch.pt",
             )
         torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
         _barrier()
         if rank == 0:
-            save_checkpoint(self.model, self.cfg, directory)
+            if export is None:
+                save_checkpoint(self.model, self.cfg, directory)
+            else:
+                export(directory)
             state = {"step": self.step, "micro_steps": self.micro_steps, **(extra or {})}
             (directory / "trainer.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
         _barrier()
@@ -184,10 +196,8 @@ class TrainEngine:
         if self.backend == "deepspeed":
             self.engine.load_checkpoint(str(directory / "train_state"), tag="state")
         else:
-            from safetensors.torch import load_file
-
-            self.model.load_state_dict(load_file(directory / "model.safetensors"))
             saved = torch.load(directory / "train_state" / "torch.pt", weights_only=False)
+            self.model.load_state_dict(saved["model"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(torch.load(directory / f"rng_rank{_rank()}.pt", weights_only=False))
