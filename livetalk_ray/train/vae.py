@@ -121,7 +121,7 @@ def train_vae(
         loss, _ = vae_loss(engine.module, video, tcfg.kl_weight, generator)
         engine.backward_step(loss)
         if on_step:
-            on_step(engine.step, float(loss))
+            on_step(engine.step, loss.item())
         if engine.step % cfg.train.checkpoint_every == 0 and engine.step < max_steps:
             checkpoint()
     directory = checkpoint()
