@@ -114,10 +114,10 @@ class EncodeStage:
             detail = f"{type(exc).__name__}: {exc}"
             return [_result(r["clip_id"], r["shard"], "quarantined", "encode", "encode_error", detail) for r in rows]
         seconds = (time.perf_counter() - start) / len(rows)
-        return [self._result(r, c, e, seconds) for r, c, e in zip(rows, clips, encoded, strict=True)]
+        return [self._accepted(r, c, e, seconds) for r, c, e in zip(rows, clips, encoded, strict=True)]
 
     @staticmethod
-    def _result(row: dict, clip, encoded: dict, encode_seconds: float) -> dict:
+    def _accepted(row: dict, clip, encoded: dict, encode_seconds: float) -> dict:
         record = {
             "clip_id": clip.clip_id,
             "source": clip.source,
