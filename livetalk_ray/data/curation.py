@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.data.sources import ClipSource
+from livetalk_ray.models.image import resize_cover_crop
 
 
 class Rejected(Exception):
@@ -96,15 +96,6 @@ def probe(path: str, cfg: LiveTalkConfig) -> VideoInfo:
 
 
 # ------------------------------------------------------------------------------------------ decode
-def resize_cover_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[T, 3, H, W] float → scaled to cover (height, width), centre-cropped (as the reference image)."""
-    scale = max(height / frames.shape[-2], width / frames.shape[-1])
-    size = (max(height, round(frames.shape[-2] * scale)), max(width, round(frames.shape[-1] * scale)))
-    out = F.interpolate(frames, size=size, mode="bicubic", antialias=True, align_corners=False)
-    top, left = (size[0] - height) // 2, (size[1] - width) // 2
-    return out[..., top : top + height, left : left + width]
-
-
 def decode_frames(path: str, info: VideoInfo, cfg: LiveTalkConfig) -> np.ndarray:
     """The first `num_frames` frames at the preset fps (nearest source frame), resized: [T, H, W, 3]."""
     import decord

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
@@ -13,13 +14,15 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and why."""
 
 
-def resize_cover_crop(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale to cover the target, then centre-crop (LiveTalk's resize_pad with its negative padding)."""
-    scale = max(height / image.height, width / image.width)
-    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC)
-    left, top = (image.width - width) // 2, (image.height - height) // 2
-    return image.crop((left, top, left + width, top + height))
+def resize_cover_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[..., C, H, W] float → scaled to cover (height, width), centre-cropped (LiveTalk's resize_pad, whose
+    negative padding crops). Reference images and video frames go through this one function."""
+    scale = max(height / images.shape[-2], width / images.shape[-1])
+    size = (max(height, round(images.shape[-2] * scale)), max(width, round(images.shape[-1] * scale)))
+    batch = images.reshape(-1, *images.shape[-3:])
+    out = F.interpolate(batch, size=size, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return out[..., top : top + height, left : left + width].reshape(*images.shape[:-2], height, width)
 
 
 def load_reference_image(path: str | Path, height: int, width: int) -> torch.Tensor:
@@ -33,12 +36,8 @@ def load_reference_image(path: str | Path, height: int, width: int) -> torch.Ten
         raise ImageError(f"cannot read {path} as an image: {exc}") from None
     if min(image.size) < 8:
         raise ImageError(f"reference image {path} is too small ({image.width}x{image.height})")
-    return pil_to_tensor(resize_cover_crop(image, height, width))
-
-
-def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return (resize_cover_crop(pixels, height, width) / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 
 
 def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
