@@ -9,22 +9,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
+from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.data.curation import CuratedClip
 
 
 class ClipEncoder:
     def __init__(self, cfg: LiveTalkConfig) -> None:
-        from livetalk_ray.models.audio import build_audio_encoder
-        from livetalk_ray.models.text import build_text_encoder
-        from livetalk_ray.models.vae import WanVAE
+        from livetalk_ray.models.conditioning import build_conditioners
 
         self.cfg = cfg
-        device = resolve_device(cfg.runtime)
-        dtype = resolve_dtype(cfg.runtime, device)
-        self.vae = WanVAE(cfg.vae, device=device, dtype=dtype, seed=TOY_INIT_SEED)
-        self.audio = build_audio_encoder(cfg.audio, TOY_INIT_SEED, device=device, dtype=dtype)
-        self.text = build_text_encoder(cfg.text, TOY_INIT_SEED, device=device, dtype=dtype)
+        encoders = build_conditioners(cfg)
+        self.vae, self.audio, self.text = encoders.vae, encoders.audio, encoders.text
         self.feature_dtype = np.dtype(cfg.data.feature_dtype)
 
     @torch.no_grad()
@@ -39,8 +34,7 @@ class ClipEncoder:
         refs = torch.from_numpy(np.stack([c.ref_image for c in clips])).permute(0, 3, 1, 2)[:, :, None]
         ref_latents = self.vae.encode(refs.float() / 127.5 - 1)
         captions = [c.caption for c in clips]
-        text = self.text.encode(captions)
-        text_lens = self.text.tokenize(captions)[1].sum(dim=1).tolist()
+        text, text_lens = self.text.encode_with_lengths(captions)
 
         def as_np(t: torch.Tensor) -> np.ndarray:
             return t.float().cpu().numpy().astype(self.feature_dtype)
@@ -55,7 +49,7 @@ class ClipEncoder:
                     "ref_latent": as_np(ref_latents[i]),
                     "audio_features": as_np(audio_features),
                     "text_embedding": as_np(text[i]),
-                    "text_len": int(text_lens[i]),
+                    "text_len": text_lens[i],
                 }
             )
         return out

@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
+from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig
 from livetalk_ray.diffusion.sampler import StreamingSampler
-from livetalk_ray.models.audio import StreamingAudioFeatures, build_audio_encoder
+from livetalk_ray.models.audio import StreamingAudioFeatures
 from livetalk_ray.models.checkpoint import load_checkpoint
+from livetalk_ray.models.conditioning import build_conditioners
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.models.image import tensor_to_uint8
-from livetalk_ray.models.text import build_text_encoder
-from livetalk_ray.models.vae import WanVAE
 
 
 @dataclass
@@ -37,8 +36,9 @@ class BlockOutput:
 class AvatarPipeline:
     def __init__(self, cfg: LiveTalkConfig, checkpoint: str | Path | None = None) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.runtime)
-        self.dtype = resolve_dtype(cfg.runtime, self.device)
+        encoders = build_conditioners(cfg)
+        self.vae, self.audio_encoder, self.text_encoder = encoders.vae, encoders.audio, encoders.text
+        self.device, self.dtype = encoders.device, encoders.dtype
         if checkpoint is not None:
             self.dit, _ = load_checkpoint(checkpoint, device=self.device, dtype=self.dtype)
         else:  # no weights: a seeded random model of the preset (the toy default until weights ship)
@@ -47,9 +47,6 @@ class AvatarPipeline:
                 self.dit = WanDiT(cfg.model, frames_per_block=cfg.cache.frames_per_block)
             self.dit.to(self.device, self.dtype)
         self.dit.eval().requires_grad_(False)
-        self.vae = WanVAE(cfg.vae, device=self.device, dtype=self.dtype, seed=TOY_INIT_SEED)
-        self.audio_encoder = build_audio_encoder(cfg.audio, TOY_INIT_SEED, device=self.device, dtype=self.dtype)
-        self.text_encoder = build_text_encoder(cfg.text, TOY_INIT_SEED, device=self.device, dtype=self.dtype)
         self.sampler = StreamingSampler(self.dit, cfg)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:

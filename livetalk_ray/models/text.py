@@ -88,10 +88,15 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.encode_with_lengths(prompts)[0]
+
+    @torch.no_grad()
+    def encode_with_lengths(self, prompts: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """(embeddings [B, max_length, d_model], true token count of each prompt)."""
         ids, mask = self.tokenize(prompts)
         hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
         # Wan keeps only each prompt's true length and pads back with zeros (not with the pad embeddings).
-        return hidden.masked_fill(~mask.bool()[..., None], 0.0)
+        return hidden.masked_fill(~mask.bool()[..., None], 0.0), mask.sum(dim=1).tolist()
 
     def encode_with_negative(self, prompt: str, negative: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """([1, L, D], [1, L, D]) for a prompt and its CFG negative (default `cfg.negative_prompt`)."""
