@@ -211,9 +211,33 @@ class EngineConfig(_Section):
 class TeacherConfig(_Section):
     """Bidirectional teacher fine-tune: per-sample condition dropout so text and audio CFG work."""
 
+    init_checkpoint: str | None = None  # starting weights (merged OmniAvatar for real runs); None: random init
+
     text_dropout: float = 0.1  # text embedding replaced by zeros (the empty / negative prompt)
     audio_dropout: float = 0.1  # wav2vec2 features replaced by zeros, as the "no audio" CFG branch
     reference_dropout: float = 0.05  # reference latent zeroed (mask kept), frame 0 then has to be generated
+
+
+class ODEConfig(_Section):
+    """ODE trajectories (teacher sampler → states at the student's timesteps) and the causal student's
+    regression onto them (LiveTalk `ode.yaml`)."""
+
+    teacher_checkpoint: str | None = None  # generation samples it; regression starts the student from it
+    seeds_per_clip: int = 1  # trajectories per training condition (different noise)
+    actors: int = 1  # Ray Data actor pool size for generation
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    clips_per_call: int = 4  # clips sampled together by one actor call
+
+
+class PlateauConfig(_Section):
+    """Convergence: the mean loss of a `window` of steps improved by less than `min_improvement` (relative)
+    on the window before, `patience` windows in a row. Reported by every stage; `stop` ends the run there."""
+
+    window: int = 200
+    min_improvement: float = 0.02
+    patience: int = 3
+    stop: bool = False
 
 
 class VAETrainConfig(_Section):
@@ -228,11 +252,21 @@ class VAETrainConfig(_Section):
 
 class TrainConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    ode: ODEConfig = Field(default_factory=ODEConfig)
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
     max_steps: int = 1000
     checkpoint_every: int = 100
+    max_failures: int = 3  # Ray Train restarts the worker group from the newest checkpoint this often
+    # Ray Train placement: one DeepSpeed rank per worker.
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    # Held-out conditions for the sample report (PNG frames, lip-sync); None: the first training clips.
+    eval_data: str | None = None
+    eval_clips: int = 2
 
 
 class RuntimeConfig(_Section):
@@ -310,6 +344,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "audio": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
         "text": {"max_length": 32, "d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128},
         "data": {"num_frames": 33, "min_side": 32, "clips_per_shard": 8},
+        # A tiny model trained from scratch on CPU: larger steps and batches than a fine-tune.
+        "train": {
+            "optim": {"lr": 5e-4},
+            "engine": {"micro_batch_per_worker": 8},
+            "gpus_per_worker": 0.0,
+            "checkpoint_every": 500,
+            "plateau": {"window": 100},
+        },
         "runtime": {"dtype": "float32"},
     },
 }

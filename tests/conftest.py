@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,17 @@ import torch
 from livetalk_ray.config import LiveTalkConfig, load_config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the same in every process of the test cluster
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every test that needs Ray (started on first use, stopped at the end)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

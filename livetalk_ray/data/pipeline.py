@@ -194,10 +194,12 @@ class ShardAssembler:
         ]
         name = f"shard-{k:05d}.parquet"
         if accepted:
-            _atomic_parquet(
+            write_parquet_atomic(
                 rows_to_table(sorted(accepted, key=lambda r: r["clip_id"]), self.cfg), self.out / "shards" / name
             )
-        _atomic_parquet(pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), self.out / "quarantine" / name)
+        write_parquet_atomic(
+            pa.Table.from_pylist(quarantined, schema=QUARANTINE_SCHEMA), self.out / "quarantine" / name
+        )
         seconds: dict[str, float] = defaultdict(float)
         for r in results.values():
             for stage, v in json.loads(r["seconds"]).items():
@@ -219,7 +221,8 @@ class ShardAssembler:
         os.replace(tmp, self.marker(k))
 
 
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Readers (and resume checks) never see a half-written shard."""
     tmp = path.with_suffix(".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -1,33 +1,47 @@
-"""Teacher flow-matching objective (bidirectional WanDiT), as a pure function of a shard batch.
+"""Teacher stage: the bidirectional `WanDiT` fine-tuned with flow matching on the prepared shards.
 
 x_t = (1 - σ)·x0 + σ·ε with σ from the shifted schedule; the model predicts v = ε - x0. Latent frame 0 is
 the clean reference latent (overwritten in x_t, as at sampling time) and is left out of the loss. Per
 sample, text, audio and the reference are dropped with the configured probabilities so that classifier-free
-guidance has an unconditional model to subtract.
+guidance has an unconditional model to subtract. Real runs start from merged OmniAvatar weights
+(`train.teacher.init_checkpoint`); the toy preset trains from scratch.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.data.reader import check_shards
 from livetalk_ray.diffusion.flow import FlowSchedule
-from livetalk_ray.diffusion.sampler import reference_condition
+from livetalk_ray.diffusion.sampler import reference_condition, sample_teacher
+from livetalk_ray.models.checkpoint import import_weights
 from livetalk_ray.models.dit import WanDiT, group_audio_frames
+from livetalk_ray.train.loop import Stage
+
+CONDITION_COLUMNS = ["ref_latent", "audio_features", "text_embedding"]
+
+
+def conditions(batch: dict, cfg: LiveTalkConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference latent [B, C, 1, h, w] (fp32), text [B, L, D] and grouped audio [B, F, 4, D] of a batch."""
+    ref = batch["ref_latent"].to(device, torch.float32)
+    text = batch["text_embedding"].to(device, dtype)
+    audio = group_audio_frames(batch["audio_features"].to(device, dtype), cfg.model.audio_frames_per_latent)
+    return ref, text, audio
 
 
 def teacher_loss(
     model: WanDiT, batch: dict[str, torch.Tensor], cfg: LiveTalkConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Mean flow-matching MSE over latent frames 1..F-1 for a batch of `latents`, `ref_latent`,
-    `audio_features` and `text_embedding` (as `data.reader` yields them)."""
+    `audio_features` and `text_embedding` (as the shard readers yield them)."""
     param = next(model.parameters())
     dev, dtype = param.device, param.dtype
     x0 = batch["latents"].to(dev, torch.float32)
     b = x0.shape[0]
-    ref = batch["ref_latent"].to(dev, torch.float32)
-    text = batch["text_embedding"].to(dev, dtype)
-    audio = group_audio_frames(batch["audio_features"].to(dev, dtype), cfg.model.audio_frames_per_latent)
+    ref, text, audio = conditions(batch, cfg, dev, dtype)
 
     def keep(p: float) -> torch.Tensor:
         return (torch.rand(b, generator=generator, device=dev) >= p).to(torch.float32)
@@ -46,3 +60,39 @@ def teacher_loss(
     v = model(xt.to(dtype), t, text, y.to(dtype), audio)
     target = flow.velocity_target(x0, noise)
     return torch.mean((v.float() - target)[:, :, 1:] ** 2)
+
+
+def build_teacher(cfg: LiveTalkConfig, device, dtype) -> WanDiT:
+    model = WanDiT.materialize(
+        cfg.model, device=device, dtype=dtype, causal=False, frames_per_block=cfg.cache.frames_per_block
+    )
+    if cfg.train.teacher.init_checkpoint:
+        # Raises on anything that does not fit; only audio modules absent from a base Wan checkpoint stay new.
+        import_weights(model, cfg.train.teacher.init_checkpoint)
+    return model
+
+
+def latent_frames(cfg: LiveTalkConfig) -> int:
+    return (cfg.data.num_frames - 1) // cfg.vae.temporal_factor + 1
+
+
+@torch.no_grad()
+def sample_clips(model: WanDiT, cfg: LiveTalkConfig, batch: dict, seed: int) -> torch.Tensor:
+    """The teacher's many-step CFG samples for a batch of conditions (negative prompt: zeros, as dropped)."""
+    param = next(model.parameters())
+    ref, text, audio = conditions(batch, cfg, param.device, param.dtype)
+    shape = (ref.shape[0], cfg.vae.z_dim, latent_frames(cfg), cfg.latent_height, cfg.latent_width)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
+    latents, _ = sample_teacher(model, cfg, noise, ref.to(param.dtype), text, torch.zeros_like(text), audio)
+    return latents
+
+
+def teacher_columns(cfg: LiveTalkConfig) -> list[str]:
+    return ["latents", *CONDITION_COLUMNS]
+
+
+def teacher_shards(directory: str | Path, cfg: LiveTalkConfig) -> list[Path]:
+    return check_shards(directory, cfg)
+
+
+STAGE = Stage("teacher", build_teacher, teacher_loss, teacher_columns, teacher_shards, sample_clips)

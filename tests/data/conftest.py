@@ -1,15 +1,11 @@
-"""Data-pipeline fixtures: one shared local Ray cluster per test session, and real clips from ../shared."""
+"""Data-pipeline fixtures: real clips from ../shared."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the same in every process of the test cluster
 
 
 def write_portrait_clip(
@@ -42,12 +38,3 @@ def write_portrait_clip(
     writer.close()
     (out_dir / f"{name}.json").write_text(json.dumps({"caption": "A woman looking at the camera. #portrait 4K"}))
     return out_dir / f"{name}.mp4"
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield
-    ray.shutdown()

@@ -1,13 +1,9 @@
 """The DeepSpeed engine inside Ray Train: 2 workers, ZeRO-2 over Ray's gloo group, weights stay in sync."""
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import torch
-
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def _loop(config: dict) -> None:
@@ -43,8 +39,7 @@ def _loop(config: dict) -> None:
     (Path(config["run_dir"]) / f"facts_rank{rank}.json").write_text(json.dumps(facts))
 
 
-def test_two_ray_train_workers_with_zero2(tmp_path):
-    ray = pytest.importorskip("ray")
+def test_two_ray_train_workers_with_zero2(tmp_path, ray_cluster):
     import sys
 
     from ray import cloudpickle
@@ -66,21 +61,14 @@ def test_two_ray_train_workers_with_zero2(tmp_path):
             "train.optim.lr=1e-3",
         ],
     )
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        trainer = TorchTrainer(
-            _loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(tmp_path / "run")},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-            torch_config=TorchConfig(backend="gloo"),
-            run_config=RunConfig(storage_path=str(tmp_path / "ray_results"), name="zero2"),
-        )
-        trainer.fit()
-    finally:
-        if started:
-            ray.shutdown()
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run_dir": str(tmp_path / "run")},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=str(tmp_path / "ray_results"), name="zero2"),
+    )
+    trainer.fit()
     facts = [json.loads((tmp_path / "run" / f"facts_rank{r}.json").read_text()) for r in (0, 1)]
     assert facts[0]["world"] == 2 and facts[0]["optimizer"] == "DeepSpeedZeroOptimizer"
     assert facts[0]["checksum"] == facts[1]["checksum"]  # different data, averaged gradients, same weights

@@ -1,0 +1,100 @@
+"""`livetalk model ...` and `livetalk generate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from livetalk_ray.cli.common import ConfigOpt, PresetOpt, SetOpt, console, friendly_errors, resolve_config
+from livetalk_ray.config import ConfigError
+
+model_app = typer.Typer(no_args_is_help=True, help="Inspect model presets and checkpoints.")
+
+
+@model_app.command("info")
+@friendly_errors
+def model_info(
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    keys: Annotated[bool, typer.Option("--keys", help="list every tensor: '<name> <d0>x<d1>...'")] = False,
+) -> None:
+    """Parameter and tensor count of a preset, built on the meta device (no memory is allocated)."""
+    import torch
+
+    from livetalk_ray.models.dit import WanDiT
+
+    cfg = resolve_config(preset, config, set_)
+    with torch.device("meta"):
+        model = WanDiT(cfg.model)
+    state = model.state_dict()
+    params = sum(t.numel() for t in state.values())
+    console.print(f"preset {cfg.preset}: {params:,} parameters in {len(state)} tensors", highlight=False)
+    if keys:
+        for name in sorted(state):
+            print(f"{name} {'x'.join(str(d) for d in state[name].shape)}")
+
+
+@model_app.command("import")
+@friendly_errors
+def model_import(
+    source: Annotated[Path, typer.Argument(help="LiveTalk/OmniAvatar safetensors, diffusers dir, or Self-Forcing .pt")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")],
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 | bfloat16 | float16")] = "bfloat16",
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="Self-Forcing dicts: take generator_ema")] = True,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Turn released weights into a livetalk checkpoint directory (model.safetensors + config.yaml)."""
+    import torch
+
+    from livetalk_ray.models.checkpoint import import_weights, save_checkpoint
+    from livetalk_ray.models.dit import WanDiT
+
+    cfg = resolve_config(preset or ("wan-1.3b" if config is None else None), config, set_)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    model = WanDiT.materialize(cfg.model, dtype=getattr(torch, dtype), frames_per_block=cfg.cache.frames_per_block)
+    report = import_weights(model, source, use_ema=ema)
+    save_checkpoint(model, cfg, out)
+    console.print(f"imported {report.loaded} tensors ({report.layout} layout) into {out}", highlight=False)
+    for label, keys in (("initialised", report.initialised), ("adapted", report.adapted), ("ignored", report.ignored)):
+        if keys:
+            console.print(
+                f"  {label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}", highlight=False
+            )
+
+
+@friendly_errors
+def generate(
+    image: Annotated[Path, typer.Option("--image", help="reference portrait (any format PIL reads)")],
+    audio: Annotated[Path, typer.Option("--audio", help="speech (wav/flac/mp3/m4a/...), resampled to 16 kHz")],
+    out: Annotated[Path, typer.Option("--out", help="output .mp4")],
+    text: Annotated[str, typer.Option("--text", help="motion-focused prompt")] = (
+        "A person talks to the camera with natural lip movements and subtle head motion."
+    ),
+    seconds: Annotated[float | None, typer.Option("--seconds", min=0.1, help="length; default: the audio's")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="checkpoint directory")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Stream a talking-head video block by block and write it as mp4 with the audio muxed in."""
+    from livetalk_ray.generate import run_generate
+
+    if checkpoint is not None and preset is None and config is None:
+        cfg_file: Path | None = checkpoint / "config.yaml"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{checkpoint} is not a livetalk checkpoint (no config.yaml)")
+    else:
+        cfg_file = config
+    cfg = resolve_config(preset, cfg_file, set_)
+    if seed is not None:
+        cfg.runtime.seed = seed
+    run_generate(
+        cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint, console=console
+    )

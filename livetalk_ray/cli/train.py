@@ -1,0 +1,206 @@
+"""`livetalk train ...` and `livetalk ode ...`: the resumable training stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from livetalk_ray.cli.common import (
+    ConfigOpt,
+    PresetOpt,
+    SetOpt,
+    console,
+    friendly_errors,
+    ray_session,
+    resolve_config,
+)
+from livetalk_ray.config import ConfigError
+
+train_app = typer.Typer(no_args_is_help=True, help="Training stages (resumable, checkpoints under RUN_DIR).")
+
+
+@train_app.command("vae")
+@friendly_errors
+def train_vae_command(
+    data: Annotated[Path, typer.Option("--data", help="directory of toy-world clips")],
+    out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints/step_NNNNNN/vae)")],
+    max_steps: Annotated[int, typer.Option("--max-steps", min=0)] = 2000,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Fit the toy preset's VAE on toy-world clips and report PSNR (real presets use the Wan VAE)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from livetalk_ray.train.vae import train_vae
+
+    cfg = resolve_config(preset, config, set_)
+    if cfg.preset != "toy":
+        raise ConfigError("train vae fits the toy VAE only; real presets load the pretrained Wan VAE (vae.path)")
+    with Progress(
+        TextColumn("[bold]vae"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("steps", total=max_steps, loss="-")
+        result = train_vae(
+            cfg,
+            data,
+            out,
+            max_steps,
+            resume,
+            on_step=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
+        )
+    last = result["history"][-1]
+    console.print(
+        f"step {last['step']}: held-out PSNR {last['psnr_db']:.2f} dB → use --set vae.path={result['vae_path']}",
+        highlight=False,
+    )
+
+
+ode_app = typer.Typer(no_args_is_help=True, help="Teacher ODE trajectories for the student's initialisation.")
+
+DataOpt = Annotated[Path, typer.Option("--data", help="prepared shards (`livetalk data prepare`)")]
+OutOpt = Annotated[Path, typer.Option("--out", help="run directory (checkpoints/step_NNNNNN/)")]
+MaxStepsOpt = Annotated[
+    int | None,
+    typer.Option("--max-steps", min=0, help="stop after this step (default train.max_steps, the LR schedule's span)"),
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in --out")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Ray Train workers (default train.workers)")]
+EvalOpt = Annotated[Path | None, typer.Option("--eval-data", help="held-out shards for the sample report")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")]
+TeacherOpt = Annotated[
+    Path | None, typer.Option("--teacher", help="teacher checkpoint directory (default train.ode.teacher_checkpoint)")
+]
+
+
+def _run_training(stage: str, cfg, data: Path, out: Path, max_steps: int | None, resume: bool, address) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from livetalk_ray.train.launch import preflight, run_stage
+
+    preflight(stage, cfg, data.resolve(), out.resolve(), resume)  # user errors before any progress output
+    stop = cfg.train.max_steps if max_steps is None else max_steps
+    columns = [
+        TextColumn(f"[bold]{stage}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} · {task.fields[rate]} samples/s"),
+        TimeRemainingColumn(),
+    ]
+    with ray_session(address), Progress(*columns, console=console) as bar:
+        task = bar.add_task("steps", total=stop, loss="-", rate="-")
+
+        def show(record: dict) -> None:
+            rate = f"{record['samples_per_s']:.1f}"
+            bar.update(task, completed=record["step"], loss=f"{record['loss']:.4f}", rate=rate)
+
+        summary = run_stage(stage, cfg, data, out, stop, resume=resume, on_progress=show)
+    line = f"{stage}: step {summary['step']} → {summary['checkpoint']}"
+    if "lipsync_mean" in summary:
+        line += f" · sample lip-sync {summary['lipsync_mean']:.3f}"
+    if summary.get("converged_at"):
+        line += f" · loss plateaued at step {summary['converged_at']}"
+    console.print(line, highlight=False)
+
+
+def _apply(cfg, workers: int | None, eval_data: Path | None) -> None:
+    if workers is not None:
+        cfg.train.workers = workers
+    if eval_data is not None:
+        cfg.train.eval_data = str(eval_data)
+
+
+def _teacher(cfg, teacher: Path | None) -> None:
+    if teacher is not None:
+        cfg.train.ode.teacher_checkpoint = str(teacher)
+    if not cfg.train.ode.teacher_checkpoint:
+        raise ConfigError("pass --teacher DIR (a teacher checkpoint) or set train.ode.teacher_checkpoint")
+
+
+@train_app.command("teacher")
+@friendly_errors
+def train_teacher(
+    data: DataOpt,
+    out: OutOpt,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    init: Annotated[Path | None, typer.Option("--init", help="starting weights (merged OmniAvatar)")] = None,
+    workers: WorkersOpt = None,
+    eval_data: EvalOpt = None,
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Flow-matching fine-tune of the bidirectional teacher on Ray Train, with condition dropout for CFG."""
+    cfg = resolve_config(preset, config, set_)
+    _apply(cfg, workers, eval_data)
+    if init is not None:
+        cfg.train.teacher.init_checkpoint = str(init)
+    _run_training("teacher", cfg, data, out, max_steps, resume, address)
+
+
+@train_app.command("ode")
+@friendly_errors
+def train_ode(
+    data: Annotated[Path, typer.Option("--data", help="trajectory shards (`livetalk ode generate`)")],
+    out: OutOpt,
+    teacher: TeacherOpt = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    workers: WorkersOpt = None,
+    eval_data: EvalOpt = None,
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """ODE initialisation: the causal student (from the teacher's weights) regresses the teacher's trajectories."""
+    cfg = resolve_config(preset, config, set_)
+    _apply(cfg, workers, eval_data)
+    _teacher(cfg, teacher)
+    _run_training("ode", cfg, data, out, max_steps, resume, address)
+
+
+@ode_app.command("generate")
+@friendly_errors
+def ode_generate(
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="output directory (shards/ with ode_states)")],
+    teacher: TeacherOpt = None,
+    actors: Annotated[
+        int | None, typer.Option("--actors", min=1, help="teacher actors (default train.ode.actors)")
+    ] = None,
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the teacher sampler over every training condition and keep the states at the student's timesteps.
+    Rerunning skips finished shards."""
+    from livetalk_ray.train.launch import absolute_paths
+    from livetalk_ray.train.ode import generate_trajectories
+
+    cfg = resolve_config(preset, config, set_)
+    _teacher(cfg, teacher)
+    if actors is not None:
+        cfg.train.ode.actors = actors
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    cfg = absolute_paths(cfg)
+    with ray_session(address):
+        stats = generate_trajectories(cfg, data, out)
+    rate = f" ({stats['trajectories_per_s']:.2f}/s)" if stats["trajectories_per_s"] else ""
+    console.print(
+        f"{stats['trajectories']} trajectories in {stats['shards']} shards ({stats['made_this_run']} made now{rate})"
+        f" → {out}",
+        highlight=False,
+    )

@@ -1,0 +1,129 @@
+"""Start a training stage: checks on the driver, then `train_loop` on a Ray Train TorchTrainer (one DeepSpeed
+rank per worker, gloo on CPU, NCCL on GPU) or in this process. The driver follows metrics.jsonl for its
+progress bar, so it shows the same numbers the run directory keeps."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from livetalk_ray.config import ConfigError, LiveTalkConfig
+from livetalk_ray.train.engine import latest_checkpoint
+from livetalk_ray.train.loop import MetricsLog, load_stage, train_loop
+
+
+def absolute_paths(cfg: LiveTalkConfig) -> LiveTalkConfig:
+    """Workers run in other directories: every path in the config becomes absolute."""
+    cfg = cfg.model_copy(deep=True)
+    for section, key in (
+        (cfg.train.teacher, "init_checkpoint"),
+        (cfg.train.ode, "teacher_checkpoint"),
+        (cfg.train, "eval_data"),
+        (cfg.vae, "path"),
+        (cfg.audio, "path"),
+        (cfg.text, "path"),
+    ):
+        value = getattr(section, key, None)
+        if value:
+            setattr(section, key, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
+def preflight(stage_name: str, cfg: LiveTalkConfig, data: Path, run_dir: Path, resume: bool) -> LiveTalkConfig:
+    """Every check that can fail before workers start, with a message that says what to do."""
+    stage = load_stage(stage_name)
+    last = latest_checkpoint(run_dir)
+    if last is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds {last.name}: pass --resume to continue it, or choose a new --out")
+    if last is not None:
+        saved = json.loads((last / "trainer.json").read_text()).get("stage")
+        if saved not in (None, stage_name):
+            raise ConfigError(f"{run_dir} is a {saved} run, not a {stage_name} run")
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    stage.shard_files(data, cfg)  # schema and column checks
+    if cfg.train.eval_data:
+        from livetalk_ray.data.reader import check_shards
+
+        check_shards(cfg.train.eval_data, cfg)
+    if cfg.train.workers < 1:
+        raise ConfigError("train.workers must be at least 1")
+    return absolute_paths(cfg)
+
+
+def run_stage(
+    stage_name: str,
+    cfg: LiveTalkConfig,
+    data: str | Path,
+    run_dir: str | Path,
+    max_steps: int,
+    *,
+    resume: bool = False,
+    use_ray: bool = True,
+    on_progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Train `stage_name` ("teacher" or "ode") to `max_steps`; returns summary.json's content."""
+    data, run_dir = Path(data).resolve(), Path(run_dir).resolve()
+    cfg = preflight(stage_name, cfg, data, run_dir, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    config = {
+        "cfg": cfg.model_dump(mode="json"),
+        "stage": stage_name,
+        "data": str(data),
+        "run_dir": str(run_dir),
+        "max_steps": max_steps,
+    }
+    if not use_ray:
+        train_loop(config)
+    else:
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def fit() -> None:
+            try:
+                _fit_on_ray(config, cfg, stage_name, run_dir)
+            except BaseException as exc:  # re-raised on the driver's thread below
+                errors.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=fit, daemon=True).start()
+        log = MetricsLog(run_dir, enabled=True)
+        while not done.wait(1.0):
+            if on_progress and (records := log.read()):
+                on_progress(records[-1])
+        if errors:
+            raise errors[0]
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise RuntimeError(f"the {stage_name} run ended without writing {summary_path}; see the worker logs")
+    summary = json.loads(summary_path.read_text())
+    if on_progress and (records := MetricsLog(run_dir, enabled=True).read()):
+        on_progress(records[-1])
+    return summary
+
+
+def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Path) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.train.gpus_per_worker > 0
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            storage_path=str(run_dir / "ray"),
+            name=f"{stage_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    trainer.fit()

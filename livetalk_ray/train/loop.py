@@ -1,0 +1,185 @@
+"""The training loop of the teacher and ODE stages: the same function runs in every Ray Train worker, or
+in this process (tests, a laptop).
+
+A stage (teacher.py, ode.py) supplies the model, the loss, the columns it reads and a sampler for the
+report; this file owns everything else: seeding, the data cursor, the engine, logging, plateau detection,
+checkpoints and the sample report. A run directory holds
+
+    metrics.jsonl   one line per optimizer step (loss, lr, samples/s): the driver's progress bar reads it
+    loss.png        the loss curve, redrawn at every checkpoint
+    report.json     sample-report history (toy preset: lip-sync of generated clips)
+    checkpoints/step_NNNNNN/  weights, config, training state, samples.png
+    summary.json    written when the run ends
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from livetalk_ray.config import LiveTalkConfig, PlateauConfig, resolve_device, resolve_dtype
+from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.train.cursor import DataCursor
+from livetalk_ray.train.engine import TrainEngine, latest_checkpoint
+
+STAGE_MODULES = {"teacher": "livetalk_ray.train.teacher", "ode": "livetalk_ray.train.ode"}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    build_model: Callable[[LiveTalkConfig, torch.device, torch.dtype], WanDiT]
+    loss: Callable[[WanDiT, dict, LiveTalkConfig], torch.Tensor]
+    columns: Callable[[LiveTalkConfig], list[str]]
+    shard_files: Callable[[str | Path, LiveTalkConfig], list[Path]]  # checks the schema, lists the shards
+    sample: Callable[[WanDiT, LiveTalkConfig, dict, int], torch.Tensor]  # latents for the sample report
+
+
+def load_stage(name: str) -> Stage:
+    if name not in STAGE_MODULES:
+        raise ValueError(f"unknown training stage {name!r}; choose one of: {', '.join(STAGE_MODULES)}")
+    return importlib.import_module(STAGE_MODULES[name]).STAGE
+
+
+class Plateau:
+    """Windowed mean loss; `converged` once `patience` windows in a row improved less than the threshold."""
+
+    def __init__(self, cfg: PlateauConfig, state: dict | None = None) -> None:
+        self.cfg = cfg
+        state = state or {}
+        self.window_sum, self.window_count = state.get("window_sum", 0.0), state.get("window_count", 0)
+        self.means: list[float] = state.get("means", [])
+        self.flat = state.get("flat", 0)
+        self.converged_at: int | None = state.get("converged_at")
+
+    def update(self, loss: float, step: int) -> None:
+        self.window_sum += loss
+        self.window_count += 1
+        if self.window_count < self.cfg.window:
+            return
+        mean = self.window_sum / self.window_count
+        if self.means:
+            improvement = (self.means[-1] - mean) / max(abs(self.means[-1]), 1e-12)
+            self.flat = self.flat + 1 if improvement < self.cfg.min_improvement else 0
+            if self.flat >= self.cfg.patience and self.converged_at is None:
+                self.converged_at = step
+        self.means.append(mean)
+        self.window_sum, self.window_count = 0.0, 0
+
+    @property
+    def stop(self) -> bool:
+        return self.cfg.stop and self.converged_at is not None
+
+    def state_dict(self) -> dict:
+        return {
+            "window_sum": self.window_sum,
+            "window_count": self.window_count,
+            "means": self.means,
+            "flat": self.flat,
+            "converged_at": self.converged_at,
+        }
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0; a resumed run first drops the lines past its checkpoint."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.path, self.enabled = run_dir / "metrics.jsonl", enabled
+
+    def truncate(self, step: int) -> None:
+        if self.enabled and self.path.exists():
+            lines = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(line + "\n" for line in lines))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train_loop(config: dict) -> None:
+    """Worker entry point. `config`: cfg (JSON), stage, data, run_dir, max_steps. Continues from the newest
+    checkpoint in run_dir when there is one (the driver refuses to start over an old run without --resume),
+    which is also how a worker group restarted by Ray Train after a failure picks up."""
+    cfg = LiveTalkConfig.model_validate(config["cfg"])
+    stage = load_stage(config["stage"])
+    run_dir, max_steps = Path(config["run_dir"]), int(config["max_steps"])
+    device = resolve_device(cfg.runtime)
+    dtype = resolve_dtype(cfg.runtime, device)
+    if cfg.train.engine.backend == "deepspeed":
+        from livetalk_ray.train.engine import init_distributed_for_deepspeed
+
+        init_distributed_for_deepspeed()  # before the cursor asks for rank and world size
+    rank, world = _rank_world()
+    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
+    model = stage.build_model(cfg, device, dtype).train()
+    engine = TrainEngine(model, cfg)
+    torch.manual_seed(cfg.runtime.seed + 1 + rank)  # this rank's noise, timesteps, dropout (saved per rank)
+    micro = cfg.train.engine.micro_batch_per_worker
+    files = stage.shard_files(config["data"], cfg)
+    cursor = DataCursor(files, stage.columns(cfg), micro, rank=rank, world=world, seed=cfg.runtime.seed)
+    log = MetricsLog(run_dir, enabled=rank == 0)
+    plateau = Plateau(cfg.train.plateau)
+    if (last := latest_checkpoint(run_dir)) is not None:
+        state = engine.load(last)
+        cursor.load_state_dict(state["cursor"])
+        plateau = Plateau(cfg.train.plateau, state["plateau"])
+        log.truncate(engine.step)
+    reporter = None
+    if rank == 0:
+        from livetalk_ray.train.report import Reporter
+
+        reporter = Reporter(cfg, stage, run_dir, config["data"])
+    accum, loss_sum, tick = cfg.train.engine.grad_accum_steps, 0.0, time.perf_counter()
+    while engine.step < max_steps and not plateau.stop:
+        loss = stage.loss(engine.module, cursor.next_batch(), cfg)
+        stepped = engine.backward_step(loss)
+        value = loss.detach().float()
+        if world > 1:
+            dist.all_reduce(value)
+            value /= world
+        loss_sum += float(value)
+        if not stepped:
+            continue
+        step, now = engine.step, time.perf_counter()
+        mean_loss = loss_sum / accum
+        plateau.update(mean_loss, step)
+        log.write(
+            {
+                "step": step,
+                "loss": mean_loss,
+                "lr": engine.lr,
+                "samples_per_s": micro * world * accum / (now - tick),
+                "epoch": cursor.epoch,
+            }
+        )
+        if step % cfg.train.checkpoint_every == 0 or step == max_steps or plateau.stop:
+            extra = {"stage": stage.name, "cursor": cursor.state_dict(), "plateau": plateau.state_dict()}
+            directory = engine.save(run_dir, extra=extra)
+            if reporter is not None:
+                reporter.report(model, directory, log.read(), plateau)
+        loss_sum, tick = 0.0, time.perf_counter()  # checkpoint and report time stays out of samples/s
+    if rank == 0:
+        summary = {
+            "stage": stage.name,
+            "step": engine.step,
+            "checkpoint": str(latest_checkpoint(run_dir)),
+            "converged_at": plateau.converged_at,
+            "workers": world,
+            **(reporter.latest if reporter else {}),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
