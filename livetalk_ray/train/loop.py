@@ -134,10 +134,12 @@ def train_loop(config: dict) -> None:
     cursor = DataCursor(files, stage.columns(cfg), micro, rank=rank, world=world, seed=cfg.runtime.seed)
     log = MetricsLog(run_dir, enabled=rank == 0)
     plateau = Plateau(cfg.train.plateau)
+    train_seconds = 0.0  # optimizer-step time only: checkpoints and reports stay out, resumes add up
     if (last := latest_checkpoint(run_dir)) is not None:
         state = engine.load(last)
         cursor.load_state_dict(state["cursor"])
         plateau = Plateau(cfg.train.plateau, state["plateau"])
+        train_seconds = state["train_seconds"]
         log.truncate(engine.step)
     reporter = None
     if rank == 0:
@@ -158,6 +160,7 @@ def train_loop(config: dict) -> None:
         step, now = engine.step, time.perf_counter()
         mean_loss = loss_sum / accum
         plateau.update(mean_loss, step)
+        train_seconds += now - tick
         log.write(
             {
                 "step": step,
@@ -165,10 +168,16 @@ def train_loop(config: dict) -> None:
                 "lr": engine.lr,
                 "samples_per_s": micro * world * accum / (now - tick),
                 "epoch": cursor.epoch,
+                "train_s": train_seconds,
             }
         )
         if step % cfg.train.checkpoint_every == 0 or step == max_steps or plateau.stop:
-            extra = {"stage": stage.name, "cursor": cursor.state_dict(), "plateau": plateau.state_dict()}
+            extra = {
+                "stage": stage.name,
+                "cursor": cursor.state_dict(),
+                "plateau": plateau.state_dict(),
+                "train_seconds": train_seconds,
+            }
             directory = engine.save(run_dir, extra=extra)
             if reporter is not None:
                 reporter.report(model, directory, log.read(), plateau)

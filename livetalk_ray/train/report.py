@@ -104,6 +104,7 @@ class Reporter:
         if records:
             tail = [r["loss"] for r in records[-50:]]
             entry["loss_mean_last_50"] = float(np.mean(tail))
+            entry["train_s"] = records[-1].get("train_s")
         if self.cfg.preset == "toy":
             entry["lipsync"] = toy_lipsync(frames, batch["audio"].numpy(), self.cfg.video.fps)
             entry["lipsync_mean"] = float(np.mean(entry["lipsync"]))

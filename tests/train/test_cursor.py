@@ -4,8 +4,9 @@ import pytest
 
 from livetalk_ray.data.reader import shard_files
 from livetalk_ray.data.schema import SchemaError
+from livetalk_ray.data.synthetic import write_random_shards
 from livetalk_ray.train.cursor import DataCursor
-from tests.train.conftest import train_cfg, write_random_shards
+from tests.train.conftest import train_cfg
 
 
 @pytest.fixture(scope="module")

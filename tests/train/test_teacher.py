@@ -41,3 +41,22 @@ def test_a_few_steps_fit_a_fixed_batch():
         engine.backward_step(loss)
         losses.append(loss.item())
     assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
+
+
+def test_teacher_starts_from_given_weights_or_refuses_a_mismatch(tmp_path):
+    import pytest
+
+    from livetalk_ray.models.checkpoint import CheckpointError, save_checkpoint
+    from livetalk_ray.train.teacher import build_teacher
+
+    cfg = load_config("toy", overrides=["model.num_layers=2"])
+    source = WanDiT(cfg.model, causal=False)
+    torch.nn.init.normal_(source.head.head.weight)
+    save_checkpoint(source, cfg, tmp_path / "init")
+    cfg.train.teacher.init_checkpoint = str(tmp_path / "init")
+    model = build_teacher(cfg, "cpu", torch.float32)
+    assert not model.causal and torch.equal(model.head.head.weight, source.head.head.weight)
+    bigger = load_config("toy", overrides=["model.num_layers=4"])
+    bigger.train.teacher.init_checkpoint = str(tmp_path / "init")
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        build_teacher(bigger, "cpu", torch.float32)

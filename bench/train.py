@@ -1,0 +1,164 @@
+"""Training benchmark: teacher and ODE-regression samples/s on Ray Train with 1 vs 2 workers, in one run,
+and the time a toy teacher run took to reach the quality bar.
+
+    .venv/bin/python bench/train.py [--steps 40] [--quality-run RUN_DIR] [--out bench/results/train.json]
+
+Throughput: toy-preset model and shapes on schema-valid shards of random tensors (the speed does not
+depend on the values), DeepSpeed ZeRO-2 over gloo, `micro_batch_per_worker` clips per worker per step, one
+CPU per worker. samples/s is the median over the steps after the first five (start-up excluded) from the
+run's own metrics.jsonl. The ODE runs read trajectories made once by a random teacher (not timed).
+
+Quality (`--quality-run`, a finished `livetalk train teacher` run with `--eval-data`): the optimizer time
+until the sample report's held-out lip-sync first reached `--bar`, read from report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from livetalk_ray.config import load_config
+from livetalk_ray.data.synthetic import write_random_shards
+from livetalk_ray.models.checkpoint import save_checkpoint
+from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.train.launch import run_stage
+from livetalk_ray.train.ode import generate_trajectories
+
+
+def samples_per_s(run_dir: Path) -> float:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["samples_per_s"] for r in records[5:])
+
+
+def lipsync_references(run_dir: Path) -> dict:
+    """On the run's own held-out sample batch: the ground truth through the VAE (the ceiling any model
+    decoded by this VAE can reach) and an untrained teacher (the floor)."""
+    import numpy as np
+    import torch
+
+    from livetalk_ray.train.engine import latest_checkpoint
+    from livetalk_ray.train.loop import load_stage
+    from livetalk_ray.train.report import REPORT_SEED, Reporter, toy_lipsync
+
+    cfg = load_config(config_file=latest_checkpoint(run_dir) / "config.yaml")
+    stage = load_stage("teacher")
+    reporter = Reporter(cfg, stage, Path(tempfile.mkdtemp()), data_dir=cfg.train.eval_data)
+    batch = reporter.eval_batch()
+    audio, fps = batch["audio"].numpy(), cfg.video.fps
+    ceiling = toy_lipsync(reporter.decode(batch["latents"]), audio, fps)
+    torch.manual_seed(cfg.runtime.seed)
+    untrained = stage.build_model(cfg, "cpu", torch.float32).eval()
+    floor = toy_lipsync(reporter.decode(stage.sample(untrained, cfg, batch, REPORT_SEED)), audio, fps)
+    return {"vae_reconstruction": float(np.mean(ceiling)), "untrained_teacher": float(np.mean(floor))}
+
+
+def time_to_bar(run_dir: Path, bar: float) -> dict:
+    report = json.loads((run_dir / "report.json").read_text())
+    first = next((r for r in report if r.get("lipsync_mean", -1) >= bar), None)
+    best = max(report, key=lambda r: r.get("lipsync_mean", -1))
+    return {
+        "run": str(run_dir),
+        "bar": bar,
+        "reached_at_step": first["step"] if first else None,
+        "train_seconds_to_bar": first.get("train_s") if first else None,
+        "best_lipsync": best.get("lipsync_mean"),
+        "best_step": best["step"],
+        "history": [(r["step"], r.get("lipsync_mean"), r.get("train_s")) for r in report],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4, help="clips per worker per step")
+    parser.add_argument("--quality-run", type=Path, default=None)
+    parser.add_argument("--bar", type=float, default=0.5, help="held-out lip-sync the teacher must reach")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    console = Console(width=120)
+    work = Path(tempfile.mkdtemp(prefix="livetalk-bench-train-"))
+    overrides = [
+        f"train.engine.micro_batch_per_worker={args.batch}",
+        f"train.checkpoint_every={args.steps}",
+        "train.cpus_per_worker=1",
+        "train.eval_clips=1",
+        "sampler.teacher_steps=8",  # the end-of-run sample report only; training cost is unaffected
+    ]
+    cfg = load_config("toy", overrides=overrides)
+    shards = write_random_shards(cfg, work / "shards", shards=8, clips=8)
+    teacher_dir = save_checkpoint(WanDiT(cfg.model, causal=False), cfg, work / "teacher0")
+    ode_cfg = cfg.model_copy(deep=True)
+    ode_cfg.train.ode.teacher_checkpoint = str(teacher_dir)
+    generate_trajectories(ode_cfg, shards, work / "traj", use_ray=False, progress=False)
+
+    rows = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for stage, stage_cfg, data in (("teacher", cfg, shards), ("ode", ode_cfg, work / "traj")):
+            for workers in (1, 2):
+                run_cfg = stage_cfg.model_copy(deep=True)
+                run_cfg.train.workers = workers
+                start = time.perf_counter()
+                run_stage(stage, run_cfg, data, work / f"{stage}-{workers}", args.steps)
+                rate = samples_per_s(work / f"{stage}-{workers}")
+                rows.append(
+                    {"stage": stage, "workers": workers, "samples_per_s": rate, "wall_s": time.perf_counter() - start}
+                )
+    finally:
+        ray.shutdown()
+    speedups = {
+        stage: next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 2)
+        / next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 1)
+        for stage in ("teacher", "ode")
+    }
+    table = Table(title=f"Ray Train throughput, toy preset, {args.batch} clips/worker/step, {args.steps} steps")
+    for col in ("stage", "workers", "samples/s (median)", "wall s (incl. start-up)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], str(r["workers"]), f"{r['samples_per_s']:.1f}", f"{r['wall_s']:.0f}")
+    console.print(table)
+    for stage, x in speedups.items():
+        console.print(f"{stage}: 2 workers ÷ 1 worker = {x:.2f}x")
+    result = {
+        "cpus": os.cpu_count(),
+        "steps": args.steps,
+        "batch_per_worker": args.batch,
+        "rows": rows,
+        "speedup_2_over_1": speedups,
+    }
+    if args.quality_run:
+        quality = time_to_bar(args.quality_run, args.bar)
+        quality["references"] = lipsync_references(args.quality_run)
+        result["teacher_quality"] = quality
+        refs = quality["references"]
+        console.print(
+            f"held-out lip-sync: trained teacher {quality['best_lipsync']:.3f} (step {quality['best_step']}), "
+            f"untrained {refs['untrained_teacher']:.3f}, ground truth through the VAE {refs['vae_reconstruction']:.3f}"
+        )
+        reached = quality["train_seconds_to_bar"]
+        console.print(
+            f"teacher quality bar (held-out lip-sync ≥ {args.bar}): "
+            + (
+                f"reached at step {quality['reached_at_step']} after {reached:.0f} s of training"
+                if reached
+                else f"not reached; best {quality['best_lipsync']:.3f} at step {quality['best_step']}"
+            )
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"→ {args.out}")
+
+
+if __name__ == "__main__":
+    main()
