@@ -67,6 +67,22 @@ def vae_loss(model, video: torch.Tensor, kl_weight: float, generator: torch.Gene
 
 
 @torch.no_grad()
+def latent_statistics(model, clips: list[np.ndarray], window: int, max_clips: int = 32) -> tuple[list, list]:
+    """Per-channel mean and std of the posterior means, which the DiT's latents are normalised with (the
+    real Wan VAE ships its own; a freshly fitted one has to measure them)."""
+    model.eval()
+    z = torch.cat([model.encode(to_video(c[None, :window])).latent_dist.mode() for c in clips[:max_clips]])
+    model.train()
+    dims = (0, 2, 3, 4)
+    return z.mean(dims).tolist(), z.std(dims).clamp_min(1e-3).tolist()
+
+
+def set_latent_statistics(model, clips: list[np.ndarray], window: int) -> None:
+    mean, std = latent_statistics(model, clips, window)
+    model.register_to_config(latents_mean=mean, latents_std=std)
+
+
+@torch.no_grad()
 def psnr(model, clips: list[np.ndarray], window: int) -> float:
     """Mean PSNR (dB, pixels in [0, 1]) of deterministic (posterior mode) reconstructions."""
     model.eval()
@@ -108,6 +124,7 @@ def train_vae(
         history = state["history"]
 
     def export(directory: Path) -> None:
+        set_latent_statistics(model, train_clips, tcfg.window_frames)
         model.save_pretrained(directory / "vae")
         engine_cfg.save(directory / "config.yaml")
 

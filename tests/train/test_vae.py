@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,12 @@ def test_fit_improves_psnr_and_exports_a_loadable_vae(clips, tmp_path):
     assert history[-1]["psnr_db"] > untrained + 1.0, (untrained, history)
     vae = WanVAE(cfg().vae.model_copy(update={"path": result["vae_path"]}))
     assert vae.encode(torch.zeros(1, 3, 5, 64, 64)).shape == (1, 16, 2, 8, 8)
+    # The export carries its own latent statistics: the DiT sees unit-scale latents per channel.
+    from livetalk_ray.train.vae import load_clips, to_video
+
+    frames = load_clips(clips, cfg())
+    z = vae.encode(to_video(np.stack([f[:17] for f in frames])))
+    assert z.mean(dim=(0, 2, 3, 4)).abs().max() < 0.5 and (z.std(dim=(0, 2, 3, 4)) - 1).abs().max() < 0.5
     assert json.loads((tmp_path / "run" / "vae_report.json").read_text())["history"] == history
 
 

@@ -1,0 +1,1 @@
+"""On-policy DMD: pure losses, Ray actor roles, and the asynchronous controller."""
