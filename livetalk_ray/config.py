@@ -230,6 +230,41 @@ class ODEConfig(_Section):
     clips_per_call: int = 4  # clips sampled together by one actor call
 
 
+class RolePlacement(_Section):
+    """Resources of one DMD role's actors; roles with the same `node_group` share a placement-group bundle
+    set (and so a node type), e.g. critic and teacher on the big-memory GPUs."""
+
+    count: int = 1
+    cpus: float = 1.0
+    gpus: float = 0.0
+    node_group: str | None = None  # None: anywhere; else a custom resource name the nodes advertise
+
+
+class DMDPlacement(_Section):
+    generator: RolePlacement = Field(default_factory=RolePlacement)
+    critic: RolePlacement = Field(default_factory=RolePlacement)
+    teacher: RolePlacement = Field(default_factory=RolePlacement)
+    rollout: RolePlacement = Field(default_factory=RolePlacement)
+
+
+class DMDConfig(_Section):
+    """On-policy DMD (LiveTalk `dmd.yaml`, Self-Forcing's schedule); see reference-models.md §3.3."""
+
+    generator_checkpoint: str | None = None  # the ODE-initialised student
+    teacher_checkpoint: str | None = None  # the real score; the critic starts from it too
+    generator_lr: float = 4e-6
+    critic_lr: float = 8e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    critic_per_generator: int = 5  # one generator step per this many critic steps
+    critic_warmup: int = 20  # critic-only steps before the first generator step
+    ema_decay: float = 0.99
+    ema_start: int = 200  # generator steps before the EMA shadow starts
+    staleness: int = 1  # rollouts may lag the generator by this many weight versions; 0 = synchronous
+    queue_size: int = 4  # bounded rollout queue (detached rollouts waiting for critic steps)
+    role_timeout_s: float = 600.0  # a role call slower than this counts as a failure (train.max_failures)
+    placement: DMDPlacement = Field(default_factory=DMDPlacement)
+
+
 class PlateauConfig(_Section):
     """Convergence: the mean loss of a `window` of steps improved by less than `min_improvement` (relative)
     on the window before, `patience` windows in a row. Reported by every stage; `stop` ends the run there."""
@@ -253,6 +288,7 @@ class VAETrainConfig(_Section):
 class TrainConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     ode: ODEConfig = Field(default_factory=ODEConfig)
+    dmd: DMDConfig = Field(default_factory=DMDConfig)
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -98,3 +98,17 @@ def generate(
     run_generate(
         cfg, image=image, audio=audio, out=out, prompt=text, seconds=seconds, checkpoint=checkpoint, console=console
     )
+
+
+@friendly_errors
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="DMD run directory or one of its step directories")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint directory to write")],
+    ema: Annotated[bool, typer.Option("--ema/--no-ema", help="the EMA weights (default) or the raw ones")] = True,
+) -> None:
+    """Write the DMD student (EMA) in LiveTalk's layout: model.safetensors + config.yaml."""
+    from livetalk_ray.train.dmd.export import export_generator
+
+    directory, used_ema = export_generator(checkpoint, out, use_ema=ema)
+    kind = "EMA" if used_ema else "raw (no EMA yet)" if ema else "raw"
+    console.print(f"exported the {kind} generator → {directory}", highlight=False)

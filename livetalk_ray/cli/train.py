@@ -204,3 +204,52 @@ def ode_generate(
         f" → {out}",
         highlight=False,
     )
+
+
+@train_app.command("dmd")
+@friendly_errors
+def train_dmd(
+    data: DataOpt,
+    out: OutOpt,
+    generator: Annotated[
+        Path | None, typer.Option("--generator", help="ODE-initialised student checkpoint directory")
+    ] = None,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="teacher checkpoint directory")] = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """On-policy DMD with generator, critic, teacher and rollout actors (5 critic steps per generator step)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from livetalk_ray.train.dmd.controller import run_dmd
+
+    cfg = resolve_config(preset, config, set_)
+    if generator is not None:
+        cfg.train.dmd.generator_checkpoint = str(generator)
+    if teacher is not None:
+        cfg.train.dmd.teacher_checkpoint = str(teacher)
+    stop = cfg.train.max_steps if max_steps is None else max_steps
+    columns = [
+        TextColumn("[bold]dmd"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("critic {task.fields[critic]} · staleness {task.fields[staleness]}"),
+        TimeRemainingColumn(),
+    ]
+    with ray_session(address), Progress(*columns, console=console) as bar:
+        task = bar.add_task("steps", total=stop, critic="-", staleness="-")
+
+        def show(record: dict) -> None:
+            if "critic_loss" in record:
+                critic = f"{record['critic_loss']:.4f}"
+                bar.update(task, completed=record["step"], critic=critic, staleness=record["staleness"])
+
+        summary = run_dmd(cfg, data, out, stop, resume=resume, on_progress=show)
+    console.print(
+        f"dmd: {summary['step']} critic steps, {summary['generator_steps']} generator steps → {summary['checkpoint']}",
+        highlight=False,
+    )

@@ -125,38 +125,44 @@ class StreamingSampler:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    @torch.no_grad()
-    def next_block(self, state: StreamState, audio: torch.Tensor | None) -> torch.Tensor:
+    def next_block(
+        self, state: StreamState, audio: torch.Tensor | None, exit_step: int | None = None, grad: bool = False
+    ) -> torch.Tensor:
         """Generate the next block of latents [B, C, fpb, h, w]; `audio` is grouped [B, fpb, 4, D].
 
-        Per-phase seconds of this block go to `state.timings` (denoise, refill)."""
+        `exit_step` ends the block after that denoising step and returns its x0 (Self-Forcing's training
+        rollout); with `grad` that one forward keeps its graph, every other pass runs without. Per-phase
+        seconds of this block go to `state.timings` (denoise, refill)."""
         ref, fpb = state.ref_latent, self.fpb
         start = state.block_index * fpb
         B, C, _, h, w = ref.shape
         y = reference_condition(ref, fpb, start)
         noise_shape = (B, C, fpb, h, w)
+        last = len(self.timesteps) - 1 if exit_step is None else exit_step
         x = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
         t0 = self._sync()
-        for i, t in enumerate(self.timesteps):
+        for i, t in enumerate(self.timesteps[: last + 1]):
             if start == 0:
                 x[:, :, :1] = ref
             tt = torch.full((B, fpb), t, device=ref.device)
-            v = self.model.forward_cached(x, tt, state.text, y, state.cache, start, audio)
-            x0 = self.schedule.x0_from_v(x, v, t / self.schedule.num_train_timesteps)
-            if i + 1 < len(self.timesteps):
+            with torch.set_grad_enabled(grad and i == last):
+                v = self.model.forward_cached(x, tt, state.text, y, state.cache, start, audio)
+                x0 = self.schedule.x0_from_v(x, v, t / self.schedule.num_train_timesteps)
+            if i < last:
                 eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
                 x = self.schedule.add_noise(x0, eps, self.timesteps[i + 1] / self.schedule.num_train_timesteps)
         if start == 0:
-            x0[:, :, :1] = ref
+            x0 = torch.cat([ref.expand(B, -1, -1, -1, -1).to(x0.dtype), x0[:, :, 1:]], dim=2)
         t1 = self._sync()
-        context_t = self.cfg.cache.context_noise
-        clean = x0
-        if context_t > 0:
-            eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
-            clean = self.schedule.add_noise(x0, eps, context_t / self.schedule.num_train_timesteps)
-        self.model.forward_cached(
-            clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y, state.cache, start, audio
-        )
+        with torch.no_grad():
+            context_t = self.cfg.cache.context_noise
+            clean = x0.detach()
+            if context_t > 0:
+                eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
+                clean = self.schedule.add_noise(clean, eps, context_t / self.schedule.num_train_timesteps)
+            self.model.forward_cached(
+                clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y, state.cache, start, audio
+            )
         t2 = self._sync()
         state.timings = {"denoise": t1 - t0, "refill": t2 - t1}
         state.block_index += 1

@@ -107,3 +107,19 @@ def test_teacher_sampler_keeps_student_states(toy_cfg):
     )
     assert len(kept) == 2 and torch.equal(final[:, :, :1], ref)
     assert torch.equal(kept[0][:, :, :1], ref)
+
+
+def test_training_rollout_exits_early_with_a_graph_only_through_its_exit_step(tiny_cfg):
+    model = randomized(tiny_cfg)
+    sampler = StreamingSampler(model, tiny_cfg)
+    ref, text, audio = conditions(tiny_cfg, 2)
+    full = sampler.next_block(sampler.start(ref, text, seed=3), audio[:, :3])
+    assert torch.equal(full, sampler.next_block(sampler.start(ref, text, seed=3), audio[:, :3], exit_step=3))
+    early = sampler.next_block(sampler.start(ref, text, seed=3), audio[:, :3], exit_step=1)
+    assert not torch.equal(early, full) and not early.requires_grad
+    state = sampler.start(ref, text, seed=3)
+    blocks = [sampler.next_block(state, audio[:, i : i + 3], exit_step=1, grad=True) for i in (0, 3)]
+    assert torch.equal(blocks[0].detach(), early)  # the graph changes nothing about the values
+    assert torch.equal(blocks[0][:, :, :1].detach(), ref)  # the reference frame is given
+    torch.cat(blocks, dim=2).square().mean().backward()
+    assert model.head.head.weight.grad is not None and model.head.head.weight.grad.abs().sum() > 0

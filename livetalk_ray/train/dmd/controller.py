@@ -1,0 +1,275 @@
+"""The asynchronous DMD loop, on one screen.
+
+Iteration i is one critic step on rollout i. Before it, when i ≥ critic_warmup and (i − warmup) is a
+multiple of critic_per_generator, the generator takes one step (its own rollout with gradient, scored by
+the teacher and the current critic) and publishes weight version v + 1. Rollout i is made by a rollout
+worker with generator version V(i) = max(0, G(i) − staleness), G(i) = generator steps taken up to and
+including iteration i: with staleness 0 that is the synchronous algorithm (each rollout waits for the
+newest weights); with staleness ≥ 1 workers produce rollouts ahead, in parallel with critic and generator
+steps, up to `queue_size` ahead.
+
+Everything a rollout depends on — its conditions (a data cursor consumed in request order), noise seed,
+exit step and weight version — is a function of its index, never of timing, and each worker receives
+`set_weights(v)` in its own call stream right before the first rollout that needs v (Ray runs one caller's
+calls to an actor in order). So the async run computes exactly what the synchronous schedule with the
+same staleness computes, and resume is exact: checkpoints hold both engines, EMA, the cursors, the
+finished-but-unused rollouts with their versions and the weights of every version still to be used.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import ray
+import torch
+from safetensors.torch import load_file, save_file
+
+from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.train.cursor import DataCursor
+from livetalk_ray.train.dmd.placement import RoleActors, start_roles
+from livetalk_ray.train.engine import CHECKPOINT_DIR
+from livetalk_ray.train.loop import MetricsLog
+from livetalk_ray.train.teacher import CONDITION_COLUMNS
+
+
+def generator_steps_through(i: int, cfg: LiveTalkConfig) -> int:
+    """G(i): generator steps taken before critic step i runs (the step at iteration i included)."""
+    d = cfg.train.dmd
+    return 0 if i < d.critic_warmup else (i - d.critic_warmup) // d.critic_per_generator + 1
+
+
+def takes_generator_step(i: int, cfg: LiveTalkConfig) -> bool:
+    d = cfg.train.dmd
+    return i >= d.critic_warmup and (i - d.critic_warmup) % d.critic_per_generator == 0
+
+
+def request_plan(i: int, cfg: LiveTalkConfig) -> tuple[int, int, int]:
+    """(weight version, noise seed, exit step) of rollout i: functions of i alone."""
+    version = max(0, generator_steps_through(i, cfg) - cfg.train.dmd.staleness)
+    g = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + i)
+    exit_step = int(torch.randint(cfg.sampler.student_steps, (1,), generator=g))
+    return version, cfg.runtime.seed * 1_000_003 + 2 * i, exit_step
+
+
+class Controller:
+    def __init__(self, cfg: LiveTalkConfig, data: str | Path, run_dir: str | Path, max_steps: int) -> None:
+        from livetalk_ray.data.reader import check_shards
+
+        self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        files = check_shards(data, cfg)
+        batch = cfg.train.engine.micro_batch_per_worker
+        self.rollout_data = DataCursor(files, CONDITION_COLUMNS, batch, seed=cfg.runtime.seed)
+        self.generator_data = DataCursor(files, CONDITION_COLUMNS, batch, seed=cfg.runtime.seed + 1)
+        self.log = MetricsLog(self.run_dir, enabled=True)
+        self.it = 0  # critic steps done
+        self.version = 0  # generator steps done = newest weight version
+        self.next_request = 0
+        self.ready: dict[int, tuple[torch.Tensor, dict, int]] = {}  # i → (rollout, conditions, version)
+        self.pending: dict[int, tuple[ray.ObjectRef, dict]] = {}
+        self.weights: dict[int, ray.ObjectRef] = {}  # versions rollouts still need
+        self.worker_version: list[int | None] = []
+        self.roles: RoleActors | None = None
+        self.name = f"livetalk-dmd:{self.run_dir}"
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        failures = 0
+        while True:
+            try:
+                self._start()
+                return self._loop()
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                failures += 1
+                event = {"time": time.time(), "step": self.it, "event": "role_failure", "detail": str(exc)[:500]}
+                with (self.run_dir / "events.jsonl").open("a") as f:  # never truncated by a resume
+                    f.write(json.dumps(event) + "\n")
+                if failures > self.cfg.train.max_failures:
+                    raise
+            finally:
+                self._stop()
+
+    def _loop(self) -> dict:
+        d, timeout = self.cfg.train.dmd, self.cfg.train.dmd.role_timeout_s
+        roles = self.roles
+        while self.it < self.max_steps:
+            tick = time.perf_counter()
+            record: dict = {"step": self.it + 1}
+            if takes_generator_step(self.it, self.cfg):
+                batch, seed = self.generator_data.next_batch(), self.cfg.runtime.seed * 1_000_003 + 2 * self.it + 1
+                exit_step = request_plan(self.it, self.cfg)[2]
+                call = roles.generator.train_step.remote(batch, seed, exit_step, roles.teachers[0], roles.critic)
+                record.update(ray.get(call, timeout=timeout))
+                self.version += 1
+                if self.version >= d.ema_start:
+                    ray.get(roles.generator.update_ema.remote(d.ema_decay), timeout=timeout)
+                self.weights[self.version] = roles.generator.weights.remote()
+            self._fill_queue()
+            waited = time.perf_counter()
+            x, batch, version = self._take(self.it, timeout)
+            waited = time.perf_counter() - waited
+            seed = request_plan(self.it, self.cfg)[1] + 1
+            record.update(ray.get(roles.critic.train_step.remote(x, batch, seed), timeout=timeout))
+            self.it += 1
+            record.update(
+                staleness=self.version - version,
+                queue_depth=len(self.ready) + len(self.pending),
+                rollout_wait_s=waited,
+                iteration_s=time.perf_counter() - tick,
+                generator_version=self.version,
+            )
+            self.log.write(record)
+            if self.it % self.cfg.train.checkpoint_every == 0 or self.it == self.max_steps:
+                self._save()
+        return self._summary()
+
+    def _fill_queue(self) -> None:
+        """Submit rollouts ahead, in index order, while their weight version exists and the queue has room."""
+        roles = self.roles
+        while self.next_request < min(self.max_steps, self.it + self.cfg.train.dmd.queue_size):
+            i = self.next_request
+            version, seed, exit_step = request_plan(i, self.cfg)
+            if version > self.version:
+                break  # synchronous schedule (or a deep lookahead): wait for the generator
+            w = i % len(roles.rollouts)
+            if self.worker_version[w] != version:
+                roles.rollouts[w].set_weights.remote(self.weights[version], version)
+                self.worker_version[w] = version
+            batch = self.rollout_data.next_batch()
+            self.pending[i] = (roles.rollouts[w].rollout.remote(batch, seed, exit_step), batch)
+            self.next_request += 1
+        # Submitted rollouts hold their own weight refs; only versions of unsubmitted ones must stay.
+        floor = min(request_plan(self.next_request, self.cfg)[0], self.version)
+        self.weights = {v: ref for v, ref in self.weights.items() if v >= floor}
+
+    def _take(self, i: int, timeout: float) -> tuple[torch.Tensor, dict, int]:
+        if i in self.ready:
+            return self.ready.pop(i)
+        ref, batch = self.pending.pop(i)
+        x, version = ray.get(ref, timeout=timeout)
+        return x, batch, version
+
+    # ------------------------------------------------------------------ roles, checkpoints
+    def _start(self) -> None:
+        self.roles = start_roles(self.cfg, name=self.name)
+        self.worker_version = [None] * len(self.roles.rollouts)
+        self.pending = {}
+        if (last := self.latest()) is not None:
+            self._load(last)
+        else:  # a fresh run, or a failure before the first checkpoint: start over
+            self.it = self.version = self.next_request = 0
+            self.rollout_data.load_state_dict({"epoch": 0, "position": 0})
+            self.generator_data.load_state_dict({"epoch": 0, "position": 0})
+            self.ready = {}
+            self.weights = {0: self.roles.generator.weights.remote()}
+            self.log.truncate(0)
+
+    def _stop(self) -> None:
+        if self.roles is not None:
+            self.roles.kill()
+            self.roles = None
+
+    def latest(self) -> Path | None:
+        done = sorted(p.parent for p in (self.run_dir / CHECKPOINT_DIR).glob("step_*/controller.json"))
+        return done[-1] if done else None
+
+    def _save(self) -> None:
+        directory = self.run_dir / CHECKPOINT_DIR / f"step_{self.it:06d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        timeout = self.cfg.train.dmd.role_timeout_s
+        for i in sorted(self.pending):  # finished rollouts are state; in-flight ones become finished
+            ref, batch = self.pending.pop(i)
+            x, version = ray.get(ref, timeout=timeout)
+            self.ready[i] = (x, batch, version)
+        extra = {"dmd_step": self.it, "version": self.version}
+        ray.get(self.roles.generator.save_with_ema.remote(str(directory / "generator"), extra), timeout=timeout)
+        ray.get(self.roles.critic.save.remote(str(directory / "critic"), extra), timeout=timeout)
+        torch.save({i: (x, b, v) for i, (x, b, v) in self.ready.items()}, directory / "queue.pt")
+        for v, ref in self.weights.items():
+            save_file(ray.get(ref, timeout=timeout), str(directory / f"rollout_weights_v{v}.safetensors"))
+        state = {
+            "it": self.it,
+            "version": self.version,
+            "next_request": self.next_request,
+            "rollout_cursor": self.rollout_data.state_dict(),
+            "generator_cursor": self.generator_data.state_dict(),
+            "weight_versions": sorted(self.weights),
+        }
+        (directory / "controller.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
+
+    def _load(self, directory: Path) -> None:
+        state = json.loads((directory / "controller.json").read_text())
+        timeout = self.cfg.train.dmd.role_timeout_s
+        ray.get(self.roles.generator.load_with_ema.remote(str(_engine_dir(directory / "generator"))), timeout=timeout)
+        ray.get(self.roles.critic.load.remote(str(_engine_dir(directory / "critic"))), timeout=timeout)
+        self.it, self.version, self.next_request = state["it"], state["version"], state["next_request"]
+        self.rollout_data.load_state_dict(state["rollout_cursor"])
+        self.generator_data.load_state_dict(state["generator_cursor"])
+        self.ready = torch.load(directory / "queue.pt", weights_only=False)
+        self.weights = {
+            v: ray.put(load_file(str(directory / f"rollout_weights_v{v}.safetensors")))
+            for v in state["weight_versions"]
+        }
+        self.log.truncate(self.it)
+
+    def _summary(self) -> dict:
+        records = [r for r in self.log.read() if "critic_loss" in r]
+        summary = {"step": self.it, "generator_steps": self.version, "checkpoint": str(self.latest())}
+        if records:
+            summary["mean_iteration_s"] = sum(r["iteration_s"] for r in records) / len(records)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _engine_dir(role_dir: Path) -> Path:
+    """A role's engine checkpoint inside the controller's step directory."""
+    return sorted((role_dir / CHECKPOINT_DIR).glob("step_*"))[-1]
+
+
+def run_dmd(
+    cfg: LiveTalkConfig,
+    data: str | Path,
+    run_dir: str | Path,
+    max_steps: int,
+    *,
+    resume: bool = False,
+    on_progress=None,
+) -> dict:
+    """Checks, then the controller on this driver (Ray initialised); `on_progress(record)` as steps land."""
+    import threading
+
+    from livetalk_ray.config import ConfigError
+    from livetalk_ray.models.checkpoint import CheckpointError
+    from livetalk_ray.train.launch import absolute_paths
+
+    run_dir = Path(run_dir).resolve()
+    cfg = absolute_paths(cfg)
+    for key in ("generator_checkpoint", "teacher_checkpoint"):
+        path = getattr(cfg.train.dmd, key)
+        if not path or not (Path(path) / "model.safetensors").is_file():
+            raise CheckpointError(f"train.dmd.{key} must name a checkpoint directory, got {path!r}")
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data} does not exist")
+    controller = Controller(cfg, Path(data).resolve(), run_dir, max_steps)
+    if controller.latest() is not None and not resume:
+        raise ConfigError(f"{run_dir} already holds {controller.latest().name}: pass --resume or choose a new --out")
+    result: dict = {}
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.update(controller.run())
+        except BaseException as exc:  # re-raised on the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(1.0)
+        if on_progress and (records := controller.log.read()):
+            on_progress(records[-1])
+    if errors:
+        raise errors[0]
+    return result

@@ -1,0 +1,226 @@
+"""The four roles of on-policy DMD. Each is a plain class (usable in one process, as the tests and the
+synchronous baseline do); the controller turns them into Ray actors with the resources from
+`train.dmd.placement`.
+
+- `TeacherScorer`: the frozen bidirectional teacher; x0 with text + audio CFG (the "real" score).
+- `CriticTrainer`: the bidirectional fake score, initialised from the teacher, trained with flow matching
+  on detached generator rollouts; also serves its conditional x0 to the generator step.
+- `GeneratorTrainer`: the causal student (from the ODE initialisation), its engine and EMA; one step =
+  its own Self-Forcing rollout with gradient at one exit step shared by all blocks, then the DMD loss.
+- `RolloutWorker`: a no-grad copy of the generator producing rollouts tagged with the weight version.
+
+Tensors cross role boundaries on the CPU (Ray's object store), whatever device a role computes on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from livetalk_ray.config import LiveTalkConfig, resolve_device, resolve_dtype
+from livetalk_ray.diffusion.flow import FlowSchedule
+from livetalk_ray.diffusion.sampler import StreamingSampler, guided_velocity, reference_condition
+from livetalk_ray.models.checkpoint import load_checkpoint
+from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.train.dmd.losses import critic_loss, generator_loss
+from livetalk_ray.train.engine import TrainEngine
+from livetalk_ray.train.teacher import conditions, latent_frames
+
+Batch = dict[str, Any]  # ref_latent, audio_features, text_embedding (CPU tensors)
+EMA_FILE = "ema.safetensors"  # the generator's EMA weights in the Wan layout, beside its engine checkpoint
+
+
+def _cfg(cfg: LiveTalkConfig | dict) -> LiveTalkConfig:
+    return cfg if isinstance(cfg, LiveTalkConfig) else LiveTalkConfig.model_validate(cfg)
+
+
+def _call(role, method: str, *args):
+    """Call a role's method whether it is an object in this process or a Ray actor handle."""
+    fn = getattr(role, method)
+    if hasattr(fn, "remote"):
+        import ray
+
+        return ray.get(fn.remote(*args))
+    return fn(*args)
+
+
+class _Role:
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool) -> None:
+        self.cfg = _cfg(cfg)
+        self.device = resolve_device(self.cfg.runtime)
+        self.dtype = resolve_dtype(self.cfg.runtime, self.device)
+        self.flow = FlowSchedule(self.cfg.sampler)
+        self.model, _ = load_checkpoint(checkpoint, device=self.device, dtype=self.dtype, causal=causal)
+        self.busy_seconds = 0.0
+
+    def conditions(self, batch: Batch):
+        return conditions(batch, self.cfg, self.device, self.dtype)
+
+    def _x0(self, v: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.flow.x0_from_v(xt.float(), v.float(), t / self.flow.num_train_timesteps)
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_seconds": self.busy_seconds}
+
+
+def rollout(
+    model: WanDiT, cfg: LiveTalkConfig, ref, text, audio, seed: int, exit_step: int, grad: bool
+) -> torch.Tensor:
+    """Self-Forcing rollout: every block through the KV cache, each ending at `exit_step` (x0 of that step,
+    frame 0 of block 0 = the reference), with a graph through the exit step only when `grad`."""
+    sampler = StreamingSampler(model, cfg)
+    state = sampler.start(ref, text, seed=seed)
+    fpb = cfg.cache.frames_per_block
+    blocks = [
+        sampler.next_block(state, audio[:, i : i + fpb], exit_step=exit_step, grad=grad)
+        for i in range(0, latent_frames(cfg), fpb)
+    ]
+    return torch.cat(blocks, dim=2)
+
+
+class TeacherScorer(_Role):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
+        super().__init__(cfg, checkpoint, causal=False)
+        self.model.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def x0(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        start = time.perf_counter()
+        ref, text, audio = self.conditions(batch)
+        x = xt.to(self.device, self.dtype)
+        y = reference_condition(ref, x.shape[2]).to(self.dtype)
+        s = self.cfg.sampler
+        tt = t.to(self.device)
+        v = guided_velocity(
+            self.model, x, tt, y, text, torch.zeros_like(text), audio, s.text_guidance, s.audio_guidance
+        )
+        out = self._x0(v, xt.to(self.device), tt).cpu()
+        self.busy_seconds += time.perf_counter() - start
+        return out
+
+
+class _Trainer(_Role):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool, lr: float) -> None:
+        super().__init__(cfg, checkpoint, causal)
+        self.model.train().requires_grad_(True)
+        optim = self.cfg.train.optim.model_copy(update={"lr": lr, "betas": self.cfg.train.dmd.betas})
+        self.engine = TrainEngine(self.model, self.cfg, optim=optim)
+
+    def save(self, run_dir: str, extra: dict | None = None) -> str:
+        return str(self.engine.save(run_dir, extra=extra))
+
+    def load(self, directory: str) -> dict:
+        return self.engine.load(directory)
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+
+class CriticTrainer(_Trainer):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
+        cfg = _cfg(cfg)
+        super().__init__(cfg, checkpoint, causal=False, lr=cfg.train.dmd.critic_lr)
+
+    def _v(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        ref, text, audio = self.conditions(batch)
+        y = reference_condition(ref, xt.shape[2]).to(self.dtype)
+        return self.engine.module(xt.to(self.device, self.dtype), t.to(self.device), text, y, audio).float()
+
+    @torch.no_grad()
+    def x0(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self._x0(self._v(xt, t, batch), xt.to(self.device), t.to(self.device)).cpu()
+        self.busy_seconds += time.perf_counter() - start
+        return out
+
+    def train_step(self, x: torch.Tensor, batch: Batch, seed: int) -> dict[str, float]:
+        start = time.perf_counter()
+        ref = self.conditions(batch)[0]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        loss = critic_loss(x.to(self.device), lambda xt, t: self._v(xt, t, batch), self.flow, gen, ref=ref)
+        self.engine.backward_step(loss)
+        self.busy_seconds += time.perf_counter() - start
+        return {"critic_loss": float(loss.detach()), "critic_step": self.engine.step}
+
+
+class GeneratorTrainer(_Trainer):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
+        cfg = _cfg(cfg)
+        super().__init__(cfg, checkpoint, causal=True, lr=cfg.train.dmd.generator_lr)
+        self.ema: dict[str, torch.Tensor] | None = None  # fp32 shadow, created at train.dmd.ema_start
+
+    def train_step(self, batch: Batch, seed: int, exit_step: int, teacher, critic) -> dict[str, float]:
+        """Own rollout with gradient at `exit_step`, scored by the teacher and the critic (objects or actors)."""
+        start = time.perf_counter()
+        ref, text, audio = self.conditions(batch)
+        x = rollout(self.model, self.cfg, ref, text, audio, seed, exit_step, grad=True)
+        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        waited = 0.0
+
+        def remote_x0(role):
+            def score(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                nonlocal waited
+                t0 = time.perf_counter()
+                out = _call(role, "x0", xt.cpu(), t.cpu(), batch).to(self.device)
+                waited += time.perf_counter() - t0
+                return out
+
+            return score
+
+        loss, stats = generator_loss(x.float(), remote_x0(teacher), remote_x0(critic), self.flow, gen, ref=ref)
+        self.engine.backward_step(loss)
+        self.model.train()  # the rollout's sampler switched to eval mode (no behavioural difference in WanDiT)
+        self.busy_seconds += time.perf_counter() - start - waited
+        return {"generator_loss": float(loss.detach()), "generator_step": self.engine.step, **stats}
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        params = {k: v.detach().float() for k, v in self.model.state_dict().items()}
+        if self.ema is None:
+            self.ema = {k: v.clone().cpu() for k, v in params.items()}
+            return
+        for k, v in params.items():
+            self.ema[k].mul_(decay).add_(v.cpu(), alpha=1 - decay)
+
+    def save_with_ema(self, run_dir: str, extra: dict | None = None) -> str:
+        from safetensors.torch import save_file
+
+        directory = self.engine.save(run_dir, extra=extra)
+        if self.ema is not None:
+            save_file(self.ema, str(directory / EMA_FILE))
+        return str(directory)
+
+    def load_with_ema(self, directory: str) -> dict:
+        from safetensors.torch import load_file
+
+        state = self.engine.load(directory)
+        path = Path(directory) / EMA_FILE
+        self.ema = load_file(str(path)) if path.exists() else None
+        return state
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+class RolloutWorker(_Role):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
+        super().__init__(cfg, checkpoint, causal=True)
+        self.model.eval().requires_grad_(False)
+        self.version = 0
+
+    def set_weights(self, state: dict[str, torch.Tensor], version: int) -> int:
+        self.model.load_state_dict(state)
+        self.version = version
+        return version
+
+    @torch.no_grad()
+    def rollout(self, batch: Batch, seed: int, exit_step: int) -> tuple[torch.Tensor, int]:
+        start = time.perf_counter()
+        ref, text, audio = self.conditions(batch)
+        x = rollout(self.model, self.cfg, ref, text, audio, seed, exit_step, grad=False).float().cpu()
+        self.busy_seconds += time.perf_counter() - start
+        return x, self.version
