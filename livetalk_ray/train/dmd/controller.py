@@ -120,9 +120,13 @@ class Controller:
                 iteration_s=time.perf_counter() - tick,
                 generator_version=self.version,
             )
-            self.log.write(record)
             if self.it % self.cfg.train.checkpoint_every == 0 or self.it == self.max_steps:
+                record["busy_s"] = roles.busy_seconds(timeout)  # since the roles started
+                record["roles_up_s"] = time.perf_counter() - self.started
+                self.log.write(record)
                 self._save()
+            else:
+                self.log.write(record)
         return self._summary()
 
     def _fill_queue(self) -> None:
@@ -154,6 +158,7 @@ class Controller:
     # ------------------------------------------------------------------ roles, checkpoints
     def _start(self) -> None:
         self.roles = start_roles(self.cfg, name=self.name)
+        self.started = time.perf_counter()
         self.worker_version = [None] * len(self.roles.rollouts)
         self.pending = {}
         if (last := self.latest()) is not None:

@@ -25,6 +25,17 @@ class RoleActors:
     group: object = None
     all: list[ray.actor.ActorHandle] = field(default_factory=list)
 
+    def busy_seconds(self, timeout: float) -> dict[str, float]:
+        """Seconds each role has spent computing (idle time = wall time − busy time)."""
+        named = {
+            "generator": [self.generator],
+            "critic": [self.critic],
+            "teacher": self.teachers,
+            "rollout": self.rollouts,
+        }
+        stats = {role: ray.get([a.stats.remote() for a in actors], timeout=timeout) for role, actors in named.items()}
+        return {role: sum(s["busy_seconds"] for s in values) for role, values in stats.items()}
+
     def kill(self) -> None:
         for actor in self.all:
             ray.kill(actor, no_restart=True)

@@ -1,0 +1,1 @@
+"""Evaluation: the toy "paper table" (lip-sync, identity drift, Fréchet distance, speed)."""
