@@ -283,6 +283,9 @@ class VAETrainConfig(_Section):
     clips_per_step: int = 4
     kl_weight: float = 1e-6
     eval_clips: int = 4  # held-out clips for the PSNR report
+    # False: fine-tune the decoder only (e.g. on longer windows); latents, and every shard and model made
+    # from them, stay valid.
+    train_encoder: bool = True
 
 
 class TrainConfig(_Section):

@@ -84,7 +84,7 @@ TeacherOpt = Annotated[
 def _run_training(stage: str, cfg, data: Path, out: Path, max_steps: int | None, resume: bool, address) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from livetalk_ray.train.launch import preflight, run_stage
+    from livetalk_ray.train.launch import StageInterrupted, preflight, run_stage
 
     preflight(stage, cfg, data.resolve(), out.resolve(), resume)  # user errors before any progress output
     stop = cfg.train.max_steps if max_steps is None else max_steps
@@ -102,7 +102,12 @@ def _run_training(stage: str, cfg, data: Path, out: Path, max_steps: int | None,
             rate = f"{record['samples_per_s']:.1f}"
             bar.update(task, completed=record["step"], loss=f"{record['loss']:.4f}", rate=rate)
 
-        summary = run_stage(stage, cfg, data, out, stop, resume=resume, on_progress=show)
+        try:
+            summary = run_stage(stage, cfg, data, out, stop, resume=resume, on_progress=show)
+        except StageInterrupted as exc:
+            bar.stop()
+            console.print(f"[yellow]{exc}[/]", highlight=False)
+            raise typer.Exit(130) from None
     line = f"{stage}: step {summary['step']} → {summary['checkpoint']}"
     if "lipsync_mean" in summary:
         line += f" · sample lip-sync {summary['lipsync_mean']:.3f}"

@@ -80,31 +80,40 @@ def run_stage(
     if not use_ray:
         train_loop(config)
     else:
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def fit() -> None:
-            try:
-                _fit_on_ray(config, cfg, stage_name, run_dir)
-            except BaseException as exc:  # re-raised on the driver's thread below
-                errors.append(exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=fit, daemon=True).start()
+        # fit() runs on the main thread so that Ray Train's SIGINT handler turns Ctrl-C into a graceful
+        # abort; a helper thread follows metrics.jsonl for the progress callback.
+        stop = threading.Event()
         log = MetricsLog(run_dir, enabled=True)
-        while not done.wait(1.0):
-            if on_progress and (records := log.read()):
-                on_progress(records[-1])
-        if errors:
-            raise errors[0]
+
+        def follow() -> None:
+            while not stop.wait(1.0):
+                if on_progress and (records := log.read()):
+                    on_progress(records[-1])
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        try:
+            _fit_on_ray(config, cfg, stage_name, run_dir)
+        except SystemExit:
+            pass  # Ray Train's Ctrl-C handler aborts the run with sys.exit; reported below as an interruption
+        finally:
+            stop.set()
+            follower.join()
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
-        raise RuntimeError(f"the {stage_name} run ended without writing {summary_path}; see the worker logs")
+        last = latest_checkpoint(run_dir)
+        raise StageInterrupted(
+            f"the {stage_name} run stopped before step {max_steps}"
+            + (f"; its newest checkpoint is {last}: rerun with --resume to continue" if last else "")
+        )
     summary = json.loads(summary_path.read_text())
     if on_progress and (records := MetricsLog(run_dir, enabled=True).read()):
         on_progress(records[-1])
     return summary
+
+
+class StageInterrupted(RuntimeError):
+    """A training run that ended (Ctrl-C, a worker group that gave up) before its last step."""
 
 
 def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Path) -> None:

@@ -111,6 +111,9 @@ def train_vae(
     held_out, train_clips = clips[: tcfg.eval_clips], clips[tcfg.eval_clips :]
     torch.manual_seed(cfg.runtime.seed)
     model = WanVAE(cfg.vae, seed=TOY_INIT_SEED).model.train().requires_grad_(True)
+    if not tcfg.train_encoder:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
     engine_cfg = cfg.model_copy(deep=True)
     engine_cfg.train.engine.backend = "torch"  # a few MB on one process: no distribution to gain
     engine_cfg.train.max_steps = max_steps

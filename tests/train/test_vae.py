@@ -54,3 +54,18 @@ def test_resume_is_bit_exact(clips, tmp_path):
     b = WanVAE(cfg().vae.model_copy(update={"path": resumed["vae_path"]})).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["history"] == full["history"]
+
+
+def test_decoder_only_fine_tune_keeps_the_latents(clips, tmp_path):
+    base = train_vae(cfg(), clips, tmp_path / "base", max_steps=3, resume=False)["vae_path"]
+    tuned = train_vae(
+        cfg(**{"vae.path": base, "train.vae.train_encoder": "false", "train.vae.window_frames": 21}),
+        clips,
+        tmp_path / "tuned",
+        max_steps=3,
+        resume=False,
+    )["vae_path"]
+    a = WanVAE(cfg().vae.model_copy(update={"path": base})).model.state_dict()
+    b = WanVAE(cfg().vae.model_copy(update={"path": tuned})).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
