@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from pathlib import Path
 
 import ray
@@ -68,7 +69,7 @@ class Controller:
         self.version = 0  # generator steps done = newest weight version
         self.next_request = 0
         self.ready: dict[int, tuple[torch.Tensor, dict, int]] = {}  # i → (rollout, conditions, version)
-        self.pending: dict[int, tuple[ray.ObjectRef, dict]] = {}
+        self.pending: dict[int, tuple[ray.ObjectRef, ray.ObjectRef, dict]] = {}  # i → (x, version, conditions)
         self.weights: dict[int, ray.ObjectRef] = {}  # versions rollouts still need
         self.worker_version: list[int | None] = []
         self.roles: RoleActors | None = None
@@ -94,10 +95,23 @@ class Controller:
     def _loop(self) -> dict:
         d, timeout = self.cfg.train.dmd, self.cfg.train.dmd.role_timeout_s
         roles = self.roles
+        # Critic steps are submitted without waiting (the critic runs them back to back, each on a rollout
+        # passed by reference); the controller blocks only before a generator step, which must see them all.
+        in_flight: deque[tuple[dict, ray.ObjectRef, object]] = deque()
+
+        def collect(keep: int = 0) -> None:
+            while len(in_flight) > keep:
+                record, ref, version = in_flight.popleft()
+                record.update(ray.get(ref, timeout=timeout))
+                used = ray.get(version, timeout=timeout) if isinstance(version, ray.ObjectRef) else version
+                record["staleness"] = record["generator_version"] - used
+                record["done_s"] = time.perf_counter() - self.started
+                self.log.write(record)
+
         while self.it < self.max_steps:
-            tick = time.perf_counter()
             record: dict = {"step": self.it + 1}
             if takes_generator_step(self.it, self.cfg):
+                collect()
                 batch, seed = self.generator_data.next_batch(), self.cfg.runtime.seed * 1_000_003 + 2 * self.it + 1
                 exit_step = request_plan(self.it, self.cfg)[2]
                 call = roles.generator.train_step.remote(batch, seed, exit_step, roles.teachers[0], roles.critic)
@@ -107,26 +121,18 @@ class Controller:
                     ray.get(roles.generator.update_ema.remote(d.ema_decay), timeout=timeout)
                 self.weights[self.version] = roles.generator.weights.remote()
             self._fill_queue()
-            waited = time.perf_counter()
-            x, batch, version = self._take(self.it, timeout)
-            waited = time.perf_counter() - waited
+            x, batch, version = self._take(self.it)
             seed = request_plan(self.it, self.cfg)[1] + 1
-            record.update(ray.get(roles.critic.train_step.remote(x, batch, seed), timeout=timeout))
+            in_flight.append((record, roles.critic.train_step.remote(x, batch, seed), version))
             self.it += 1
-            record.update(
-                staleness=self.version - version,
-                queue_depth=len(self.ready) + len(self.pending),
-                rollout_wait_s=waited,
-                iteration_s=time.perf_counter() - tick,
-                generator_version=self.version,
-            )
+            record.update(generator_version=self.version, queue_depth=len(self.ready) + len(self.pending))
+            collect(keep=d.queue_size)
             if self.it % self.cfg.train.checkpoint_every == 0 or self.it == self.max_steps:
+                ray.get([ref for _, ref, _ in in_flight], timeout=timeout)
                 record["busy_s"] = roles.busy_seconds(timeout)  # since the roles started
                 record["roles_up_s"] = time.perf_counter() - self.started
-                self.log.write(record)
+                collect()
                 self._save()
-            else:
-                self.log.write(record)
         return self._summary()
 
     def _fill_queue(self) -> None:
@@ -142,18 +148,20 @@ class Controller:
                 roles.rollouts[w].set_weights.remote(self.weights[version], version)
                 self.worker_version[w] = version
             batch = self.rollout_data.next_batch()
-            self.pending[i] = (roles.rollouts[w].rollout.remote(batch, seed, exit_step), batch)
+            # Two returns: the rollout travels on to the critic by reference, its version to the controller.
+            x_ref, version_ref = roles.rollouts[w].rollout.options(num_returns=2).remote(batch, seed, exit_step)
+            self.pending[i] = (x_ref, version_ref, batch)
             self.next_request += 1
         # Submitted rollouts hold their own weight refs; only versions of unsubmitted ones must stay.
         floor = min(request_plan(self.next_request, self.cfg)[0], self.version)
         self.weights = {v: ref for v, ref in self.weights.items() if v >= floor}
 
-    def _take(self, i: int, timeout: float) -> tuple[torch.Tensor, dict, int]:
+    def _take(self, i: int) -> tuple[object, dict, object]:
+        """Rollout i as (tensor or ref, conditions, version or ref): restored ones are values, others refs."""
         if i in self.ready:
             return self.ready.pop(i)
-        ref, batch = self.pending.pop(i)
-        x, version = ray.get(ref, timeout=timeout)
-        return x, batch, version
+        x_ref, version_ref, batch = self.pending.pop(i)
+        return x_ref, batch, version_ref
 
     # ------------------------------------------------------------------ roles, checkpoints
     def _start(self) -> None:
@@ -185,9 +193,8 @@ class Controller:
         directory.mkdir(parents=True, exist_ok=True)
         timeout = self.cfg.train.dmd.role_timeout_s
         for i in sorted(self.pending):  # finished rollouts are state; in-flight ones become finished
-            ref, batch = self.pending.pop(i)
-            x, version = ray.get(ref, timeout=timeout)
-            self.ready[i] = (x, batch, version)
+            x_ref, version_ref, batch = self.pending.pop(i)
+            self.ready[i] = (ray.get(x_ref, timeout=timeout), batch, ray.get(version_ref, timeout=timeout))
         extra = {"dmd_step": self.it, "version": self.version}
         ray.get(self.roles.generator.save_with_ema.remote(str(directory / "generator"), extra), timeout=timeout)
         ray.get(self.roles.critic.save.remote(str(directory / "critic"), extra), timeout=timeout)
@@ -222,8 +229,8 @@ class Controller:
     def _summary(self) -> dict:
         records = [r for r in self.log.read() if "critic_loss" in r]
         summary = {"step": self.it, "generator_steps": self.version, "checkpoint": str(self.latest())}
-        if records:
-            summary["mean_iteration_s"] = sum(r["iteration_s"] for r in records) / len(records)
+        if len(records) > 1:  # completion rate; the first step also waited for the first rollout
+            summary["iterations_per_s"] = (len(records) - 1) / (records[-1]["done_s"] - records[0]["done_s"])
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
