@@ -1,6 +1,6 @@
 """DMD controller benchmark: synchronous (staleness 0) vs asynchronous rollouts, same config, same run.
 
-    .venv/bin/python bench/dmd_async.py [--steps 30] [--staleness 1] [--out bench/results/dmd_async.json]
+    .venv/bin/python bench/dmd_async.py [--steps 60] [--staleness 1] [--out bench/results/dmd_async.json]
 
 Toy-preset networks (random weights: the speed does not depend on them) on schema-valid random shards,
 4 role actors sharing the machine's CPUs (generator, critic, teacher, one rollout worker), the 5:1
@@ -47,7 +47,7 @@ def measure(cfg, shards: Path, run_dir: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--staleness", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/dmd_async.json"))

@@ -5,14 +5,13 @@ progress bar, so it shows the same numbers the run directory keeps."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from livetalk_ray.config import ConfigError, LiveTalkConfig
 from livetalk_ray.train.engine import latest_checkpoint
-from livetalk_ray.train.loop import MetricsLog, load_stage, train_loop
+from livetalk_ray.train.loop import MetricsLog, following, load_stage, train_loop
 
 
 def absolute_paths(cfg: LiveTalkConfig) -> LiveTalkConfig:
@@ -21,6 +20,8 @@ def absolute_paths(cfg: LiveTalkConfig) -> LiveTalkConfig:
     for section, key in (
         (cfg.train.teacher, "init_checkpoint"),
         (cfg.train.ode, "teacher_checkpoint"),
+        (cfg.train.dmd, "generator_checkpoint"),
+        (cfg.train.dmd, "teacher_checkpoint"),
         (cfg.train, "eval_data"),
         (cfg.vae, "path"),
         (cfg.audio, "path"),
@@ -82,23 +83,11 @@ def run_stage(
     else:
         # fit() runs on the main thread so that Ray Train's SIGINT handler turns Ctrl-C into a graceful
         # abort; a helper thread follows metrics.jsonl for the progress callback.
-        stop = threading.Event()
-        log = MetricsLog(run_dir, enabled=True)
-
-        def follow() -> None:
-            while not stop.wait(1.0):
-                if on_progress and (records := log.read()):
-                    on_progress(records[-1])
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
-        try:
-            _fit_on_ray(config, cfg, stage_name, run_dir)
-        except SystemExit:
-            pass  # Ray Train's Ctrl-C handler aborts the run with sys.exit; reported below as an interruption
-        finally:
-            stop.set()
-            follower.join()
+        with following(MetricsLog(run_dir, enabled=True), on_progress):
+            try:
+                _fit_on_ray(config, cfg, stage_name, run_dir)
+            except SystemExit:
+                pass  # Ray Train's Ctrl-C handler aborts the run with sys.exit; reported below as an interruption
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         last = latest_checkpoint(run_dir)

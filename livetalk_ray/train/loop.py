@@ -14,8 +14,10 @@ checkpoints and the sample report. A run directory holds
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +107,25 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+
+@contextlib.contextmanager
+def following(log: MetricsLog, on_progress: Callable[[dict], None] | None, every_s: float = 1.0):
+    """While the body runs, a helper thread passes the newest metrics record to `on_progress`."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(every_s):
+            if on_progress and (records := log.read()):
+                on_progress(records[-1])
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _rank_world() -> tuple[int, int]:

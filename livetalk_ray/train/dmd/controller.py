@@ -31,7 +31,7 @@ from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.dmd.placement import RoleActors, start_roles
 from livetalk_ray.train.engine import CHECKPOINT_DIR
-from livetalk_ray.train.loop import MetricsLog
+from livetalk_ray.train.loop import MetricsLog, following
 from livetalk_ray.train.teacher import CONDITION_COLUMNS
 
 
@@ -250,8 +250,6 @@ def run_dmd(
     on_progress=None,
 ) -> dict:
     """Checks, then the controller on this driver (Ray initialised); `on_progress(record)` as steps land."""
-    import threading
-
     from livetalk_ray.config import ConfigError
     from livetalk_ray.models.checkpoint import CheckpointError
     from livetalk_ray.train.launch import absolute_paths
@@ -267,21 +265,5 @@ def run_dmd(
     controller = Controller(cfg, Path(data).resolve(), run_dir, max_steps)
     if controller.latest() is not None and not resume:
         raise ConfigError(f"{run_dir} already holds {controller.latest().name}: pass --resume or choose a new --out")
-    result: dict = {}
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.update(controller.run())
-        except BaseException as exc:  # re-raised on the caller's thread
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(1.0)
-        if on_progress and (records := controller.log.read()):
-            on_progress(records[-1])
-    if errors:
-        raise errors[0]
-    return result
+    with following(controller.log, on_progress):
+        return controller.run()
