@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from livetalk_ray.cli.data import data_app, demo_data
-from livetalk_ray.cli.model import export, generate, model_app
+from livetalk_ray.cli.model import evaluate_command, export, generate, model_app
 from livetalk_ray.cli.train import ode_app, train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve real-time talking avatars.")
@@ -16,5 +16,6 @@ app.add_typer(ode_app, name="ode")
 app.command("generate")(generate)
 app.command("demo-data")(demo_data)
 app.command("export")(export)
+app.command("eval")(evaluate_command)
 
 __all__ = ["app"]

@@ -112,3 +112,44 @@ def export(
     directory, used_ema = export_generator(checkpoint, out, use_ema=ema)
     kind = "EMA" if used_ema else "raw (no EMA yet)" if ema else "raw"
     console.print(f"exported the {kind} generator → {directory}", highlight=False)
+
+
+@friendly_errors
+def evaluate_command(
+    eval_data: Annotated[Path, typer.Option("--eval-data", help="held-out prepared shards")],
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="teacher checkpoint directory")] = None,
+    ode: Annotated[Path | None, typer.Option("--ode", help="ODE-initialised student checkpoint")] = None,
+    dmd: Annotated[Path | None, typer.Option("--checkpoint", "--dmd", help="DMD student (exported)")] = None,
+    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="stream length for identity drift")] = 60.0,
+    clips: Annotated[int, typer.Option("--clips", min=2, help="held-out clips scored")] = 8,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="directory for eval.md, eval.json, eval_samples.png")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with `rows`")] = False,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The toy paper table: lip-sync, identity drift with and without sinks, Fréchet distance, FPS, TTFF."""
+    import json
+
+    from livetalk_ray.eval.table import Candidate, evaluate, markdown
+
+    cfg = resolve_config(preset, config, set_)
+    candidates = [
+        Candidate(name, path, streaming)
+        for name, path, streaming in (("teacher", teacher, False), ("ode", ode, True), ("dmd", dmd, True))
+        if path is not None
+    ]
+    if not candidates:
+        raise ConfigError("name at least one model: --teacher, --ode or --checkpoint (the DMD student)")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate(cfg, candidates, eval_data, seconds=seconds, clips=clips, out_dir=out)
+    if out is not None:
+        (out / "eval.md").write_text(markdown(rows) + "\n")
+        (out / "eval.json").write_text(json.dumps({"rows": rows}, indent=2))
+    if as_json:
+        print(json.dumps({"rows": rows}))
+    else:
+        console.print(markdown(rows), highlight=False)
