@@ -46,7 +46,10 @@ def test_stopped_and_resumed_dmd_equals_an_uninterrupted_run(
     assert sum("generator_loss" in r for r in records) == 3  # before critic steps 2, 4, 6 (0-based), after warm-up
 
 
-def test_a_killed_critic_costs_at_most_one_checkpoint_interval(ray_cluster, dmd_checkpoints, random_shards, tmp_path):
+@pytest.mark.parametrize("role", ["critic", "generator"])
+def test_a_killed_role_costs_at_most_one_checkpoint_interval(
+    ray_cluster, dmd_checkpoints, random_shards, tmp_path, role
+):
     cfg = dmd_cfg(*dmd_checkpoints, "train.checkpoint_every=3")
     run = tmp_path / "run"
     controller = Controller(cfg, random_shards, run, 9)
@@ -54,13 +57,13 @@ def test_a_killed_critic_costs_at_most_one_checkpoint_interval(ray_cluster, dmd_
     def kill_once() -> None:
         while not (run / "checkpoints" / "step_000003" / "controller.json").exists():
             time.sleep(0.05)
-        ray.kill(ray.get_actor(f"{controller.name}:critic:0"), no_restart=True)
+        ray.kill(ray.get_actor(f"{controller.name}:{role}:0"), no_restart=True)
 
     threading.Thread(target=kill_once, daemon=True).start()
     summary = controller.run()
     assert summary["step"] == 9
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
-    assert len(events) == 1 and events[0]["event"] == "role_failure" and "critic" in events[0]["detail"].lower()
+    assert len(events) == 1 and events[0]["event"] == "role_failure" and role in events[0]["detail"].lower()
     assert 3 <= events[0]["step"] <= 6  # lost steps: at most one checkpoint interval (3)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 10))  # the resumed run's log continues from the checkpoint, no gaps
