@@ -308,6 +308,21 @@ class TrainConfig(_Section):
     eval_clips: int = 2
 
 
+class PipelineConfig(_Section):
+    """`livetalk pipeline`: the whole toy chain, stage by stage (the values of the run in the README)."""
+
+    train_clips: int = 160
+    eval_clips: int = 16
+    vae_steps: int = 2000
+    vae_decoder_steps: int = 300  # decoder-only, on whole clips, so frames past the fit windows decode too
+    vae_decoder_window: int = 37  # 4k+1 frames, at most the shortest demo clip (2.5 s = 40 frames)
+    teacher_steps: int = 2500
+    ode_steps: int = 3000  # an upper bound: the plateau detector ends the stage
+    ode_lr: float = 2e-4
+    dmd_steps: int = 600
+    eval_seconds: float = 60.0
+
+
 class RuntimeConfig(_Section):
     device: str = "auto"  # auto → cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
@@ -325,6 +340,7 @@ class LiveTalkConfig(_Section):
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -390,6 +406,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "gpus_per_worker": 0.0,
             "checkpoint_every": 500,
             "plateau": {"window": 100},
+            "dmd": {"generator_lr": 2e-5, "critic_lr": 1e-4, "ema_start": 50},
         },
         "runtime": {"dtype": "float32"},
     },

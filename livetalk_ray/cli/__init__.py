@@ -6,7 +6,7 @@ import typer
 
 from livetalk_ray.cli.data import data_app, demo_data
 from livetalk_ray.cli.model import evaluate_command, export, generate, model_app
-from livetalk_ray.cli.train import ode_app, train_app
+from livetalk_ray.cli.train import ode_app, pipeline, train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve real-time talking avatars.")
 app.add_typer(model_app, name="model")
@@ -17,5 +17,6 @@ app.command("generate")(generate)
 app.command("demo-data")(demo_data)
 app.command("export")(export)
 app.command("eval")(evaluate_command)
+app.command("pipeline")(pipeline)
 
 __all__ = ["app"]

@@ -258,3 +258,22 @@ def train_dmd(
         f"dmd: {summary['step']} critic steps, {summary['generator_steps']} generator steps → {summary['checkpoint']}",
         highlight=False,
     )
+
+
+@friendly_errors
+def pipeline(
+    out: Annotated[Path, typer.Option("--out", help="pipeline directory (every stage's output, stages/*.json)")],
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The whole toy chain: demo data → VAE → shards → teacher → ODE → DMD → export → eval; rerun to resume."""
+    from livetalk_ray.toy_pipeline import run_pipeline
+
+    cfg = resolve_config(preset, config, set_)
+    if cfg.preset != "toy":
+        raise ConfigError("pipeline builds the toy chain; real presets run the stages one by one (see README)")
+    with ray_session(address):
+        outputs = run_pipeline(cfg, out, console)
+    console.print(f"student → {outputs['export']['checkpoint']}", highlight=False)

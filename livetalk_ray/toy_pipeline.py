@@ -1,0 +1,171 @@
+"""`livetalk pipeline`: the whole toy chain in one resumable command.
+
+    clips → vae → vae_decoder → shards → teacher → trajectories → ode → dmd → export → eval
+
+Each stage writes `OUT/stages/<name>.json` when it is done and is skipped on a rerun; a stage interrupted
+half-way continues from its own checkpoints (every stage below is resumable on its own). Step counts and
+sizes are `pipeline.*` in the config; the trained networks use the rest of the config as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from livetalk_ray.config import LiveTalkConfig
+
+STAGES = ["clips", "vae", "vae_decoder", "shards", "teacher", "trajectories", "ode", "dmd", "export", "eval"]
+
+
+def _latest(run_dir: Path) -> str:
+    from livetalk_ray.train.engine import latest_checkpoint
+
+    return str(latest_checkpoint(run_dir))
+
+
+def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progress: bool = True) -> dict:
+    """Run every unfinished stage (Ray must be initialised); returns every stage's outputs."""
+    out = Path(out).resolve()
+    marks = out / "stages"
+    marks.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    p = cfg.pipeline
+    outputs: dict[str, dict] = {}
+
+    def stage(name: str, work: Callable[[], dict]) -> dict:
+        mark = marks / f"{name}.json"
+        if mark.exists():
+            outputs[name] = json.loads(mark.read_text())
+            console.print(f"[dim]{name}: done earlier[/]", highlight=False)
+            return outputs[name]
+        console.print(f"[bold]{name}[/] …", highlight=False)
+        start = time.perf_counter()
+        result = {**work(), "seconds": time.perf_counter() - start}
+        mark.write_text(json.dumps(result, indent=2))
+        outputs[name] = result
+        return result
+
+    def with_(**updates) -> LiveTalkConfig:
+        """A copy of the config with dotted-key updates (e.g. `vae__path=...`)."""
+        copy = cfg.model_copy(deep=True)
+        for dotted, value in updates.items():
+            *parents, key = dotted.split("__")
+            section = copy
+            for part in parents:
+                section = getattr(section, part)
+            setattr(section, key, value)
+        return copy
+
+    def clips() -> dict:
+        from livetalk_ray.toyworld.clips import make_demo_dataset
+
+        v = cfg.video
+        for name, count, seed in (("clips_train", p.train_clips, 1), ("clips_eval", p.eval_clips, 2)):
+            make_demo_dataset(out / name, count, seed, fps=v.fps, height=v.height, width=v.width, progress=progress)
+        return {"train": str(out / "clips_train"), "eval": str(out / "clips_eval")}
+
+    def vae() -> dict:
+        from livetalk_ray.train.vae import train_vae
+
+        result = train_vae(cfg, out / "clips_train", out / "vae", p.vae_steps, resume=True)
+        return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}
+
+    def vae_decoder() -> dict:
+        from livetalk_ray.train.vae import train_vae
+
+        tuned = with_(
+            vae__path=outputs["vae"]["vae_path"],
+            train__vae__train_encoder=False,
+            train__vae__window_frames=p.vae_decoder_window,
+        )
+        result = train_vae(tuned, out / "clips_train", out / "vae_decoder", p.vae_decoder_steps, resume=True)
+        return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}
+
+    stage("clips", clips)
+    stage("vae", vae)
+    vae_path = stage("vae_decoder", vae_decoder)["vae_path"]
+    base = with_(vae__path=vae_path, train__eval_data=str(out / "shards_eval"))
+
+    def shards() -> dict:
+        from livetalk_ray.data.pipeline import prepare
+
+        stats = {
+            name: prepare(base, out / src, out / name, progress=progress)
+            for name, src in (("shards", "clips_train"), ("shards_eval", "clips_eval"))
+        }
+        return {name: {"accepted": s["accepted"], "quarantined": s["quarantined"]} for name, s in stats.items()}
+
+    def teacher() -> dict:
+        from livetalk_ray.train.launch import run_stage
+
+        summary = run_stage("teacher", base, out / "shards", out / "teacher", p.teacher_steps, resume=True)
+        return {"checkpoint": _latest(out / "teacher"), "lipsync": summary.get("lipsync_mean")}
+
+    stage("shards", shards)
+    teacher_ckpt = stage("teacher", teacher)["checkpoint"]
+
+    def trajectories() -> dict:
+        from livetalk_ray.train.ode import generate_trajectories
+
+        return generate_trajectories(
+            with_(train__ode__teacher_checkpoint=teacher_ckpt), out / "shards", out / "traj", progress=progress
+        )
+
+    def ode() -> dict:
+        from livetalk_ray.train.launch import run_stage
+
+        ode_cfg = with_(
+            vae__path=vae_path,
+            train__eval_data=str(out / "shards_eval"),
+            train__ode__teacher_checkpoint=teacher_ckpt,
+            train__optim__lr=p.ode_lr,
+            train__plateau__stop=True,
+        )
+        summary = run_stage("ode", ode_cfg, out / "traj", out / "ode", p.ode_steps, resume=True)
+        return {
+            "checkpoint": _latest(out / "ode"),
+            "lipsync": summary.get("lipsync_mean"),
+            "converged_at": summary.get("converged_at"),
+        }
+
+    stage("trajectories", trajectories)
+    ode_ckpt = stage("ode", ode)["checkpoint"]
+
+    def dmd() -> dict:
+        from livetalk_ray.train.dmd.controller import run_dmd
+
+        dmd_cfg = with_(
+            vae__path=vae_path, train__dmd__generator_checkpoint=ode_ckpt, train__dmd__teacher_checkpoint=teacher_ckpt
+        )
+        return run_dmd(dmd_cfg, out / "shards", out / "dmd", p.dmd_steps, resume=True)
+
+    def export() -> dict:
+        from livetalk_ray.train.dmd.export import export_generator
+
+        directory, used_ema = export_generator(out / "dmd", out / "student")
+        return {"checkpoint": str(directory), "ema": used_ema}
+
+    stage("dmd", dmd)
+    student = stage("export", export)["checkpoint"]
+
+    def evaluate() -> dict:
+        from livetalk_ray.eval.table import Candidate, evaluate, markdown
+
+        (out / "eval").mkdir(exist_ok=True)
+        candidates = [
+            Candidate("teacher", Path(teacher_ckpt), False),
+            Candidate("ode", Path(ode_ckpt), True),
+            Candidate("dmd", Path(student), True),
+        ]
+        rows = evaluate(base, candidates, out / "shards_eval", seconds=p.eval_seconds, out_dir=out / "eval")
+        (out / "eval" / "eval.md").write_text(markdown(rows) + "\n")
+        (out / "eval" / "eval.json").write_text(json.dumps({"rows": rows}, indent=2))
+        console.print(markdown(rows), highlight=False)
+        return {"rows": rows}
+
+    stage("eval", evaluate)
+    return outputs
