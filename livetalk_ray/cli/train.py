@@ -21,6 +21,14 @@ from livetalk_ray.config import ConfigError
 train_app = typer.Typer(no_args_is_help=True, help="Training stages (resumable, checkpoints under RUN_DIR).")
 
 
+def step_progress(label: str, fields: str):
+    """The progress bar every training command shows: label, bar, steps done/total, `fields`, time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn(fields)]
+    return Progress(*columns, TimeRemainingColumn(), console=console)
+
+
 @train_app.command("vae")
 @friendly_errors
 def train_vae_command(
@@ -33,21 +41,12 @@ def train_vae_command(
     set_: SetOpt = None,
 ) -> None:
     """Fit the toy preset's VAE on toy-world clips and report PSNR (real presets use the Wan VAE)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from livetalk_ray.train.vae import train_vae
 
     cfg = resolve_config(preset, config, set_)
     if cfg.preset != "toy":
         raise ConfigError("train vae fits the toy VAE only; real presets load the pretrained Wan VAE (vae.path)")
-    with Progress(
-        TextColumn("[bold]vae"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
+    with step_progress("vae", "loss {task.fields[loss]}") as bar:
         task = bar.add_task("steps", total=max_steps, loss="-")
         result = train_vae(
             cfg,
@@ -82,20 +81,12 @@ TeacherOpt = Annotated[
 
 
 def _run_training(stage: str, cfg, data: Path, out: Path, max_steps: int | None, resume: bool, address) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from livetalk_ray.train.launch import StageInterrupted, preflight, run_stage
 
     preflight(stage, cfg, data.resolve(), out.resolve(), resume)  # user errors before any progress output
     stop = cfg.train.max_steps if max_steps is None else max_steps
-    columns = [
-        TextColumn(f"[bold]{stage}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]} · {task.fields[rate]} samples/s"),
-        TimeRemainingColumn(),
-    ]
-    with ray_session(address), Progress(*columns, console=console) as bar:
+    fields = "loss {task.fields[loss]} · {task.fields[rate]} samples/s"
+    with ray_session(address), step_progress(stage, fields) as bar:
         task = bar.add_task("steps", total=stop, loss="-", rate="-")
 
         def show(record: dict) -> None:
@@ -228,8 +219,6 @@ def train_dmd(
     set_: SetOpt = None,
 ) -> None:
     """On-policy DMD with generator, critic, teacher and rollout actors (5 critic steps per generator step)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from livetalk_ray.train.dmd.controller import run_dmd
 
     cfg = resolve_config(preset, config, set_)
@@ -238,14 +227,8 @@ def train_dmd(
     if teacher is not None:
         cfg.train.dmd.teacher_checkpoint = str(teacher)
     stop = cfg.train.max_steps if max_steps is None else max_steps
-    columns = [
-        TextColumn("[bold]dmd"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("critic {task.fields[critic]} · staleness {task.fields[staleness]}"),
-        TimeRemainingColumn(),
-    ]
-    with ray_session(address), Progress(*columns, console=console) as bar:
+    fields = "critic {task.fields[critic]} · staleness {task.fields[staleness]}"
+    with ray_session(address), step_progress("dmd", fields) as bar:
         task = bar.add_task("steps", total=stop, critic="-", staleness="-")
 
         def show(record: dict) -> None:
