@@ -3,6 +3,7 @@ ZeRO-2 over gloo), trajectories from a 2-actor Ray Data pool, the ODE student on
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from livetalk_ray.cli import app
@@ -92,3 +93,37 @@ def test_teacher_trajectories_and_student_on_ray(ray_cluster, random_shards, tmp
         run("train", "ode", "--data", str(random_shards), "--out", str(tmp_path / "x"), "--teacher", str(checkpoint)),
         "no 'ode_states' column",
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_ray_train_run_with_a_resume_hint(random_shards, tmp_path):
+    """A real `livetalk train teacher` process: SIGINT → graceful abort, exit 130, the checkpoint to resume."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "livetalk_ray.cli",
+        "train",
+        "teacher",
+        "--data",
+        str(random_shards),
+        "--out",
+        str(run),
+        "--max-steps",
+        "100000",
+        *[x for item in TINY for x in ("--set", item)],
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_000002" / "trainer.json").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "rerun with --resume to continue" in output
