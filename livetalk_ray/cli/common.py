@@ -24,6 +24,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="toy | wan-1.3b | wan-14b (default toy)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set cache.sink_size=6")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")]
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

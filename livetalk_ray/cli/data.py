@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from livetalk_ray.cli.common import (
+    AddressOpt,
     ConfigOpt,
     PresetOpt,
     SetOpt,
@@ -25,7 +26,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Curate and encode clips into 
 def data_prepare(
     input: Annotated[Path, typer.Option("--input", help="directory of clips, or a .jsonl/.parquet manifest")],
     out: Annotated[Path, typer.Option("--out", help="output directory (shards/, quarantine.parquet, stats.json)")],
-    address: Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")] = None,
+    address: AddressOpt = None,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,

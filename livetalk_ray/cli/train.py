@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from livetalk_ray.cli.common import (
+    AddressOpt,
     ConfigOpt,
     PresetOpt,
     SetOpt,
@@ -74,7 +75,6 @@ MaxStepsOpt = Annotated[
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in --out")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Ray Train workers (default train.workers)")]
 EvalOpt = Annotated[Path | None, typer.Option("--eval-data", help="held-out shards for the sample report")]
-AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")]
 TeacherOpt = Annotated[
     Path | None, typer.Option("--teacher", help="teacher checkpoint directory (default train.ode.teacher_checkpoint)")
 ]
