@@ -234,7 +234,7 @@ class RolePlacement(_Section):
     """Resources of one DMD role's actors; roles with the same `node_group` share a placement-group bundle
     set (and so a node type), e.g. critic and teacher on the big-memory GPUs."""
 
-    count: int = 1
+    count: int = Field(default=1, ge=1)  # actors; for generator/critic, ranks of a DeepSpeed group
     cpus: float = 1.0
     gpus: float = 0.0
     node_group: str | None = None  # None: anywhere; else a custom resource name the nodes advertise

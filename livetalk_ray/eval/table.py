@@ -10,7 +10,10 @@ Per model, on held-out conditions from prepared shards (same noise for every mod
   descriptor of the last 3 s against that of the first 3 s. The teacher does not stream: null;
 - `fps`, `ttff_s`: one stream's steady frames per second (denoise + decode) and the time to its first
   frames; for the teacher, one clip's frames over the time to sample and decode it, which is also when
-  its first frame exists.
+  its first frame exists. `denoise_fps` / `denoise_ttff_s` count the DiT's work alone (the part the
+  recipe changes; the VAE decode is the same for every model);
+- `fps_x_teacher`, `ttff_x_teacher` (and the `denoise_` pair): a student's speed-ups over the teacher row;
+- `collapse`: the reasons a model's frames count as collapsed (empty: healthy), from `frame_health`.
 """
 
 from __future__ import annotations
@@ -38,30 +41,73 @@ class Candidate:
     streaming: bool
 
 
-def _sample(reporter: Reporter, cand: Candidate, cfg: LiveTalkConfig, batch: dict) -> tuple[np.ndarray, float]:
+# Collapse thresholds (0-255 frames): a frame this dark is black; consecutive frames this close are frozen;
+# frames whose spatial spread falls below this share of the ground truth's have lost their variance.
+BLACK_LEVEL, FROZEN_DIFF, MIN_STD_SHARE = 16.0, 0.5, 0.5
+MAX_BLACK, MAX_FROZEN = 0.05, 0.25  # tolerated fractions of black frames / frozen frame pairs
+
+
+def frame_health(frames: np.ndarray, truth_std: float) -> dict:
+    """Collapse checks on frames [N, H, W, 3] uint8: black, frozen, vanishing spatial variance (any 1 s
+    window, 16 frames, whose mean per-frame std is under MIN_STD_SHARE of the ground truth's)."""
+    f = frames.astype(np.float32)
+    black = float((f.mean(axis=(1, 2, 3)) < BLACK_LEVEL).mean())
+    frozen = float((np.abs(np.diff(f, axis=0)).mean(axis=(1, 2, 3)) < FROZEN_DIFF).mean()) if len(f) > 1 else 0.0
+    stds = f.std(axis=(1, 2, 3))
+    window = min(16, len(stds))
+    lowest = float(np.convolve(stds, np.ones(window) / window, mode="valid").min())
+    reasons = [
+        name
+        for name, bad in (
+            ("black frames", black > MAX_BLACK),
+            ("frozen frames", frozen > MAX_FROZEN),
+            ("vanishing frame variance", lowest < MIN_STD_SHARE * truth_std),
+        )
+        if bad
+    ]
+    return {
+        "black_fraction": black,
+        "frozen_fraction": frozen,
+        "min_std_share": lowest / truth_std,
+        "collapse": reasons,
+    }
+
+
+def _sample(reporter: Reporter, cand: Candidate, cfg: LiveTalkConfig, batch: dict) -> tuple[np.ndarray, float, float]:
+    """Frames of every clip in `batch`, seconds to denoise, seconds to denoise and decode."""
     model, _ = load_checkpoint(cand.checkpoint, causal=cand.streaming)
     stage = load_stage("ode" if cand.streaming else "teacher")
     start = time.perf_counter()
-    frames = reporter.decode(stage.sample(model.eval(), cfg, batch, REPORT_SEED))
-    return frames, time.perf_counter() - start
+    latents = stage.sample(model.eval(), cfg, batch, REPORT_SEED)
+    denoised = time.perf_counter()
+    frames = reporter.decode(latents)
+    return frames, denoised - start, time.perf_counter() - start
 
 
 def _stream(cfg: LiveTalkConfig, checkpoint: Path, image: np.ndarray, speech: np.ndarray, seconds: float):
-    """Frames of one stream and its timings (first block's latency, steady FPS)."""
+    """Frames of one stream and its timings: first block's latency and steady FPS, each also for the DiT's
+    work alone (denoise + cache refill)."""
     pipe = AvatarPipeline(cfg, checkpoint)
     ref = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
     stream = pipe.open_stream(ref, "A person talks to the camera.", seed=REPORT_SEED)
     need = int(seconds * cfg.audio.sample_rate)
     stream.push_audio(np.resize(speech, need).astype(np.float32))
     stream.finish_audio()
-    frames, starts, first_latency = [], time.perf_counter(), None
+    frames, starts, first_latency, dit_seconds = [], time.perf_counter(), None, []
     while sum(len(f) for f in frames) < seconds * cfg.video.fps:
         block = stream.next_block()
         frames.append(block.frames)
+        dit_seconds.append(block.timings["denoise"] + block.timings["refill"])
         if first_latency is None:
             first_latency, steady_start = time.perf_counter() - starts, time.perf_counter()
-    steady = sum(len(f) for f in frames[1:]) / max(time.perf_counter() - steady_start, 1e-9)
-    return np.concatenate(frames), first_latency, steady
+    steady_frames = sum(len(f) for f in frames[1:])
+    timing = {
+        "fps": steady_frames / max(time.perf_counter() - steady_start, 1e-9),
+        "ttff_s": first_latency,
+        "denoise_fps": steady_frames / max(sum(dit_seconds[1:]), 1e-9),
+        "denoise_ttff_s": dit_seconds[0],
+    }
+    return np.concatenate(frames), timing
 
 
 def evaluate(
@@ -79,9 +125,10 @@ def evaluate(
     audio, fps = batch["audio"].numpy(), cfg.video.fps
     truth = reporter.decode(batch["latents"])
     truth_features = frame_features(truth.reshape(-1, *truth.shape[2:]))
+    truth_std = float(truth.reshape(-1, *truth.shape[2:]).astype(np.float32).std(axis=(1, 2, 3)).mean())
     rows, grids = [], []
     for cand in candidates:
-        frames, seconds_taken = _sample(reporter, cand, cfg, batch)
+        frames = _sample(reporter, cand, cfg, batch)[0]
         row: dict = {
             "model": cand.name,
             "lipsync": float(np.mean(toy_lipsync(frames, audio, fps))),
@@ -93,7 +140,7 @@ def evaluate(
             for label, sinks in (("sinks", cfg.cache.sink_size), ("nosinks", 0)):
                 run_cfg = cfg.model_copy(deep=True)
                 run_cfg.cache.sink_size = sinks
-                stream, ttff, steady = _stream(
+                stream, timing = _stream(
                     run_cfg, cand.checkpoint, batch["ref_image"][0].numpy(), np.concatenate(list(audio)), seconds
                 )
                 window = 3 * fps
@@ -101,15 +148,20 @@ def evaluate(
                     identity_descriptor(stream[:window]), identity_descriptor(stream[-window:])
                 )
                 if label == "sinks":
-                    row["fps"], row["ttff_s"] = steady, ttff
+                    row.update(timing, **frame_health(stream, truth_std))
             row["identity_drift_sinks"], row["identity_drift_nosinks"] = drift["sinks"], drift["nosinks"]
         else:
             one = {k: v[:1] for k, v in batch.items()}
-            frames_one, took = _sample(reporter, cand, cfg, one)
+            frames_one, denoise_s, total_s = _sample(reporter, cand, cfg, one)
+            n = frames_one.shape[1]
+            row.update(fps=n / total_s, ttff_s=total_s, denoise_fps=n / denoise_s, denoise_ttff_s=denoise_s)
             row.update(
-                fps=frames_one.shape[1] / took, ttff_s=took, identity_drift_sinks=None, identity_drift_nosinks=None
+                identity_drift_sinks=None,
+                identity_drift_nosinks=None,
+                **frame_health(frames.reshape(-1, *frames.shape[2:]), truth_std),
             )
         rows.append(row)
+    _speedups(rows)
     truth_row = {"model": "ground truth (VAE)", "lipsync": float(np.mean(toy_lipsync(truth, audio, fps)))}
     if out_dir is not None:
         from PIL import Image
@@ -118,10 +170,37 @@ def evaluate(
     return [*rows, truth_row]
 
 
+def _speedups(rows: list[dict]) -> None:
+    """Each student's FPS and first-frame latency as multiples of the teacher's (bigger is better)."""
+    teacher = next((r for r in rows if r["model"] == "teacher"), None)
+    if teacher is None:
+        return
+    for row in rows:
+        if row is not teacher:
+            for prefix in ("", "denoise_"):
+                row[f"{prefix}fps_x_teacher"] = row[f"{prefix}fps"] / teacher[f"{prefix}fps"]
+                row[f"{prefix}ttff_x_teacher"] = teacher[f"{prefix}ttff_s"] / row[f"{prefix}ttff_s"]
+
+
 def markdown(rows: list[dict]) -> str:
-    cols = ["model", "lipsync", "frechet", "identity_drift_sinks", "identity_drift_nosinks", "fps", "ttff_s"]
+    cols = [
+        "model",
+        "lipsync",
+        "frechet",
+        "identity_drift_sinks",
+        "identity_drift_nosinks",
+        "fps",
+        "ttff_s",
+        "fps_x_teacher",
+        "ttff_x_teacher",
+        "denoise_fps_x_teacher",
+        "denoise_ttff_x_teacher",
+        "collapse",
+    ]
 
     def fmt(v) -> str:
+        if isinstance(v, list):
+            return ", ".join(v) or "none"
         return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

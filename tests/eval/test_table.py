@@ -3,6 +3,7 @@ object with `rows`."""
 
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -62,9 +63,31 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
     keys = {"model", "lipsync", "identity_drift_sinks", "identity_drift_nosinks", "frechet", "fps", "ttff_s"}
     assert keys <= set(rows[0]) and keys <= set(rows[1])
     assert rows[0]["identity_drift_sinks"] is None and rows[1]["fps"] > 0 and rows[1]["ttff_s"] > 0
+    for key in ("fps_x_teacher", "ttff_x_teacher", "denoise_fps_x_teacher", "denoise_ttff_x_teacher"):
+        assert rows[1][key] > 0, key
+    assert rows[1]["denoise_fps"] > rows[1]["fps"]  # the DiT alone is faster than DiT + decode
+    assert isinstance(rows[0]["collapse"], list) and isinstance(rows[1]["collapse"], list)
     assert (tmp_path / "eval" / "eval.md").read_text().startswith("| model |")
     assert (tmp_path / "eval" / "eval_samples.png").is_file()
 
 
 def test_eval_needs_a_model(random_shards):
     assert_user_error(CliRunner().invoke(app, ["eval", "--eval-data", str(random_shards)]), "name at least one model")
+
+
+def test_frame_health_names_each_kind_of_collapse():
+    from livetalk_ray.eval.table import frame_health
+
+    rng = np.random.default_rng(0)
+    moving = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
+    truth_std = float(moving.astype(np.float32).std(axis=(1, 2, 3)).mean())
+    assert frame_health(moving, truth_std)["collapse"] == []
+    black = moving.copy()
+    black[:10] = 3
+    assert "black frames" in frame_health(black, truth_std)["collapse"]
+    frozen = np.repeat(moving[:4], 12, axis=0)
+    assert frame_health(frozen, truth_std)["collapse"] == ["frozen frames"]
+    flat = moving.copy()
+    flat[20:40] = (128 + (flat[20:40].astype(np.int16) - 128) // 8).astype(np.uint8)  # a 1.25 s grey-out
+    health = frame_health(flat, truth_std)
+    assert health["collapse"] == ["vanishing frame variance"] and health["min_std_share"] < 0.5

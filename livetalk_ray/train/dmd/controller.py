@@ -61,9 +61,12 @@ class Controller:
         self.cfg, self.run_dir, self.max_steps = cfg, Path(run_dir), max_steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
         files = check_shards(data, cfg)
-        batch = cfg.train.engine.micro_batch_per_worker
-        self.rollout_data = DataCursor(files, CONDITION_COLUMNS, batch, seed=cfg.runtime.seed)
-        self.generator_data = DataCursor(files, CONDITION_COLUMNS, batch, seed=cfg.runtime.seed + 1)
+        # Each rank of a trainer group takes micro_batch_per_worker samples of every batch it is given.
+        micro, place = cfg.train.engine.micro_batch_per_worker, cfg.train.dmd.placement
+        self.rollout_data = DataCursor(files, CONDITION_COLUMNS, micro * place.critic.count, seed=cfg.runtime.seed)
+        self.generator_data = DataCursor(
+            files, CONDITION_COLUMNS, micro * place.generator.count, seed=cfg.runtime.seed + 1
+        )
         self.log = MetricsLog(self.run_dir, enabled=True)
         self.it = 0  # critic steps done
         self.version = 0  # generator steps done = newest weight version
@@ -97,12 +100,12 @@ class Controller:
         roles = self.roles
         # Critic steps are submitted without waiting (the critic runs them back to back, each on a rollout
         # passed by reference); the controller blocks only before a generator step, which must see them all.
-        in_flight: deque[tuple[dict, ray.ObjectRef, object]] = deque()
+        in_flight: deque[tuple[dict, list[ray.ObjectRef], object]] = deque()
 
         def collect(keep: int = 0) -> None:
             while len(in_flight) > keep:
-                record, ref, version = in_flight.popleft()
-                record.update(ray.get(ref, timeout=timeout))
+                record, refs, version = in_flight.popleft()
+                record.update(rank_mean(ray.get(refs, timeout=timeout)))
                 used = ray.get(version, timeout=timeout) if isinstance(version, ray.ObjectRef) else version
                 record["staleness"] = record["generator_version"] - used
                 record["done_s"] = time.perf_counter() - self.started
@@ -114,8 +117,10 @@ class Controller:
                 collect()
                 batch, seed = self.generator_data.next_batch(), self.cfg.runtime.seed * 1_000_003 + 2 * self.it + 1
                 exit_step = request_plan(self.it, self.cfg)[2]
-                call = roles.generator.train_step.remote(batch, seed, exit_step, roles.teachers[0], roles.critic)
-                record.update(ray.get(call, timeout=timeout))
+                calls = [
+                    g.train_step.remote(batch, seed, exit_step, roles.teachers, roles.critics) for g in roles.generators
+                ]
+                record.update(rank_mean(ray.get(calls, timeout=timeout)))
                 self.version += 1
                 if self.version >= d.ema_start:
                     ray.get(roles.generator.update_ema.remote(d.ema_decay), timeout=timeout)
@@ -123,12 +128,12 @@ class Controller:
             self._fill_queue()
             x, batch, version = self._take(self.it)
             seed = request_plan(self.it, self.cfg)[1] + 1
-            in_flight.append((record, roles.critic.train_step.remote(x, batch, seed), version))
+            in_flight.append((record, [c.train_step.remote(x, batch, seed) for c in roles.critics], version))
             self.it += 1
             record.update(generator_version=self.version, queue_depth=len(self.ready) + len(self.pending))
             collect(keep=d.queue_size)
             if self.it % self.cfg.train.checkpoint_every == 0 or self.it == self.max_steps:
-                ray.get([ref for _, ref, _ in in_flight], timeout=timeout)
+                ray.get([ref for _, refs, _ in in_flight for ref in refs], timeout=timeout)
                 record["busy_s"] = roles.busy_seconds(timeout)  # since the roles started
                 record["roles_up_s"] = time.perf_counter() - self.started
                 collect()
@@ -196,8 +201,9 @@ class Controller:
             x_ref, version_ref, batch = self.pending.pop(i)
             self.ready[i] = (ray.get(x_ref, timeout=timeout), batch, ray.get(version_ref, timeout=timeout))
         extra = {"dmd_step": self.it, "version": self.version}
-        ray.get(self.roles.generator.save_with_ema.remote(str(directory / "generator"), extra), timeout=timeout)
-        ray.get(self.roles.critic.save.remote(str(directory / "critic"), extra), timeout=timeout)
+        saves = [g.save_with_ema.remote(str(directory / "generator"), extra) for g in self.roles.generators]
+        saves += [c.save.remote(str(directory / "critic"), extra) for c in self.roles.critics]
+        ray.get(saves, timeout=timeout)  # every rank: DeepSpeed saves collectively
         torch.save({i: (x, b, v) for i, (x, b, v) in self.ready.items()}, directory / "queue.pt")
         for v, ref in self.weights.items():
             save_file(ray.get(ref, timeout=timeout), str(directory / f"rollout_weights_v{v}.safetensors"))
@@ -214,8 +220,9 @@ class Controller:
     def _load(self, directory: Path) -> None:
         state = json.loads((directory / "controller.json").read_text())
         timeout = self.cfg.train.dmd.role_timeout_s
-        ray.get(self.roles.generator.load_with_ema.remote(str(_engine_dir(directory / "generator"))), timeout=timeout)
-        ray.get(self.roles.critic.load.remote(str(_engine_dir(directory / "critic"))), timeout=timeout)
+        generator, critic = str(_engine_dir(directory / "generator")), str(_engine_dir(directory / "critic"))
+        loads = [g.load_with_ema.remote(generator) for g in self.roles.generators]
+        ray.get(loads + [c.load.remote(critic) for c in self.roles.critics], timeout=timeout)
         self.it, self.version, self.next_request = state["it"], state["version"], state["next_request"]
         self.rollout_data.load_state_dict(state["rollout_cursor"])
         self.generator_data.load_state_dict(state["generator_cursor"])
@@ -233,6 +240,15 @@ class Controller:
             summary["iterations_per_s"] = (len(records) - 1) / (records[-1]["done_s"] - records[0]["done_s"])
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+
+def rank_mean(results: list[dict]) -> dict:
+    """One record from a trainer group's per-rank results: losses averaged, counters from rank 0."""
+    merged = dict(results[0])
+    for key, value in merged.items():
+        if isinstance(value, float):
+            merged[key] = sum(r[key] for r in results) / len(results)
+    return merged
 
 
 def _engine_dir(role_dir: Path) -> Path:

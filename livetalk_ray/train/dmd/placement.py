@@ -1,6 +1,7 @@
 """Placement is data: `train.dmd.placement` gives each role a count, CPUs, GPUs and optionally a node group
 (a custom resource that nodes of one type advertise, e.g. `{"h100": 1}`); this turns it into one placement
-group with a bundle per actor and starts the role actors in their bundles."""
+group with a bundle per actor and starts the role actors in their bundles. Generator and critic with a
+count above one are DeepSpeed groups: their ranks meet in a process group before the run starts."""
 
 from __future__ import annotations
 
@@ -18,18 +19,22 @@ NODE_GROUP_SHARE = 0.001  # a sliver of the node-group resource pins a bundle to
 
 @dataclass
 class RoleActors:
-    generator: ray.actor.ActorHandle
-    critic: ray.actor.ActorHandle
+    generators: list[ray.actor.ActorHandle]  # the generator's ranks; rank 0 publishes weights and the EMA
+    critics: list[ray.actor.ActorHandle]
     teachers: list[ray.actor.ActorHandle]
     rollouts: list[ray.actor.ActorHandle]
     group: object = None
     all: list[ray.actor.ActorHandle] = field(default_factory=list)
 
+    @property
+    def generator(self) -> ray.actor.ActorHandle:
+        return self.generators[0]
+
     def busy_seconds(self, timeout: float) -> dict[str, float]:
         """Seconds each role has spent computing (idle time = wall time − busy time)."""
         named = {
-            "generator": [self.generator],
-            "critic": [self.critic],
+            "generator": self.generators,
+            "critic": self.critics,
             "teacher": self.teachers,
             "rollout": self.rollouts,
         }
@@ -54,14 +59,17 @@ def bundle(spec: RolePlacement) -> dict[str, float]:
 
 def start_roles(cfg: LiveTalkConfig, name: str, ready_timeout_s: float = 600.0) -> RoleActors:
     """Start every role actor, named `{name}:{role}:{index}` (operators and tests can find them)."""
+    check_placement(cfg)
     d = cfg.train.dmd
-    if not d.generator_checkpoint or not d.teacher_checkpoint:
-        from livetalk_ray.config import ConfigError
-
-        raise ConfigError("DMD needs train.dmd.generator_checkpoint (ODE student) and train.dmd.teacher_checkpoint")
     layout = [
-        ("generator", roles.GeneratorTrainer, d.placement.generator, d.generator_checkpoint, 1),
-        ("critic", roles.CriticTrainer, d.placement.critic, d.teacher_checkpoint, 1),
+        (
+            "generator",
+            roles.GeneratorTrainer,
+            d.placement.generator,
+            d.generator_checkpoint,
+            d.placement.generator.count,
+        ),
+        ("critic", roles.CriticTrainer, d.placement.critic, d.teacher_checkpoint, d.placement.critic.count),
         ("teacher", roles.TeacherScorer, d.placement.teacher, d.teacher_checkpoint, d.placement.teacher.count),
         ("rollout", roles.RolloutWorker, d.placement.rollout, d.generator_checkpoint, d.placement.rollout.count),
     ]
@@ -76,10 +84,35 @@ def start_roles(cfg: LiveTalkConfig, name: str, ready_timeout_s: float = 600.0) 
             strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
             options = {"num_cpus": spec.cpus, "num_gpus": spec.gpus, "scheduling_strategy": strategy}
             actor = ray.remote(cls).options(name=f"{name}:{role}:{k}", max_restarts=0, **options)
-            actors.setdefault(role, []).append(actor.remote(cfg_json, checkpoint))
+            args = (cfg_json, checkpoint, count) if role in TRAINER_ROLES else (cfg_json, checkpoint)
+            actors.setdefault(role, []).append(actor.remote(*args))
             index += 1
     everyone = [a for group_actors in actors.values() for a in group_actors]
     ray.get([a.stats.remote() for a in everyone], timeout=ready_timeout_s)  # constructors finished
-    return RoleActors(
-        actors["generator"][0], actors["critic"][0], actors["teacher"], actors["rollout"], group, everyone
-    )
+    joins = []  # both groups rendezvous at once (each rank's join blocks until its whole group has joined)
+    for role in TRAINER_ROLES:
+        ranks = actors[role]
+        if len(ranks) > 1:
+            address, port = ray.get(ranks[0].rendezvous_address.remote(), timeout=ready_timeout_s)
+            joins += [a.join.remote(r, len(ranks), address, port) for r, a in enumerate(ranks)]
+    ray.get(joins, timeout=ready_timeout_s)
+    return RoleActors(actors["generator"], actors["critic"], actors["teacher"], actors["rollout"], group, everyone)
+
+
+TRAINER_ROLES = ("generator", "critic")
+
+
+def check_placement(cfg: LiveTalkConfig) -> None:
+    """Errors a user can fix before any actor starts."""
+    from livetalk_ray.config import ConfigError
+
+    d = cfg.train.dmd
+    if not d.generator_checkpoint or not d.teacher_checkpoint:
+        raise ConfigError("DMD needs train.dmd.generator_checkpoint (ODE student) and train.dmd.teacher_checkpoint")
+    for role in TRAINER_ROLES:
+        count = getattr(d.placement, role).count
+        if count > 1 and cfg.train.engine.backend != "deepspeed":
+            raise ConfigError(
+                f"train.dmd.placement.{role}.count={count} needs train.engine.backend=deepspeed: a trainer role of "
+                "several ranks is a DeepSpeed group (its rollout calls the model outside any DDP wrapper)"
+            )

@@ -9,11 +9,17 @@ synchronous baseline do); the controller turns them into Ray actors with the res
   its own Self-Forcing rollout with gradient at one exit step shared by all blocks, then the DMD loss.
 - `RolloutWorker`: a no-grad copy of the generator producing rollouts tagged with the weight version.
 
+A trainer role with `placement.<role>.count = N` is a DeepSpeed group of N rank actors: each takes its
+share of every batch (the controller draws N micro-batches), DeepSpeed averages the gradients, and rank 0
+publishes weights, keeps the EMA and writes the exported model.
+
 Tensors cross role boundaries on the CPU (Ray's object store), whatever device a role computes on.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -102,12 +108,47 @@ class TeacherScorer(_Role):
         return out
 
 
+def _pick(roles, rank: int):
+    """Rank r of a trainer group asks scorer r mod n (a pool spreads the load); a single role is its own pool."""
+    return roles[rank % len(roles)] if isinstance(roles, list | tuple) else roles
+
+
 class _Trainer(_Role):
-    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool, lr: float) -> None:
+    """A trainer role's rank. With `world=1` it is ready at once; rank actors of a larger group are ready
+    after every rank has called `join` (the process group rendezvous)."""
+
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool, lr: float, world: int = 1) -> None:
         super().__init__(cfg, checkpoint, causal)
         self.model.train().requires_grad_(True)
-        optim = self.cfg.train.optim.model_copy(update={"lr": lr, "betas": self.cfg.train.dmd.betas})
-        self.engine = TrainEngine(self.model, self.cfg, optim=optim)
+        self.optim = self.cfg.train.optim.model_copy(update={"lr": lr, "betas": self.cfg.train.dmd.betas})
+        self.rank, self.world = 0, world
+        if world == 1:
+            self.engine = TrainEngine(self.model, self.cfg, optim=self.optim)
+
+    @staticmethod
+    def rendezvous_address() -> tuple[str, int]:
+        """Called on rank 0: this node's address and a free port for the group's process group."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def join(self, rank: int, world: int, address: str, port: int) -> int:
+        """Enter the role's process group (gloo on CPU, NCCL on CUDA, via DeepSpeed) and build the engine."""
+        self.rank, self.world = rank, world
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=address, MASTER_PORT=str(port)
+        )
+        self.engine = TrainEngine(self.model, self.cfg, optim=self.optim)
+        return rank
+
+    def share(self, batch: Batch) -> Batch:
+        """This rank's contiguous share of a group batch (every rank holds micro_batch_per_worker samples)."""
+        return {k: _share(v, self.rank, self.world) for k, v in batch.items()}
+
+    def rank_seed(self, seed: int) -> int:
+        return seed + 1_000_000_007 * self.rank  # rank 0 (and a group of one) keeps the controller's seed
 
     def save(self, run_dir: str, extra: dict | None = None) -> str:
         return str(self.engine.save(run_dir, extra=extra))
@@ -120,42 +161,55 @@ class _Trainer(_Role):
         return self.engine.step
 
 
-class CriticTrainer(_Trainer):
-    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
-        cfg = _cfg(cfg)
-        super().__init__(cfg, checkpoint, causal=False, lr=cfg.train.dmd.critic_lr)
+def _share(value, rank: int, world: int):
+    if world == 1:
+        return value
+    size = len(value) // world
+    return value[rank * size : (rank + 1) * size]
 
-    def _v(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+
+class CriticTrainer(_Trainer):
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, world: int = 1) -> None:
+        cfg = _cfg(cfg)
+        super().__init__(cfg, checkpoint, causal=False, lr=cfg.train.dmd.critic_lr, world=world)
+
+    def _v(self, module, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
         ref, text, audio = self.conditions(batch)
         y = reference_condition(ref, xt.shape[2]).to(self.dtype)
-        return self.engine.module(xt.to(self.device, self.dtype), t.to(self.device), text, y, audio).float()
+        return module(xt.to(self.device, self.dtype), t.to(self.device), text, y, audio).float()
 
     @torch.no_grad()
     def x0(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The fake score for one generator rank: the bare model, so no collective runs on this rank alone."""
         start = time.perf_counter()
-        out = self._x0(self._v(xt, t, batch), xt.to(self.device), t.to(self.device)).cpu()
+        out = self._x0(self._v(self.model, xt, t, batch), xt.to(self.device), t.to(self.device)).cpu()
         self.busy_seconds += time.perf_counter() - start
         return out
 
     def train_step(self, x: torch.Tensor, batch: Batch, seed: int) -> dict[str, float]:
         start = time.perf_counter()
+        x, batch = _share(x, self.rank, self.world), self.share(batch)
         ref = self.conditions(batch)[0]
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        loss = critic_loss(x.to(self.device), lambda xt, t: self._v(xt, t, batch), self.flow, gen, ref=ref)
+        gen = torch.Generator(device=self.device).manual_seed(self.rank_seed(seed))
+        v = lambda xt, t: self._v(self.engine.module, xt, t, batch)  # noqa: E731
+        loss = critic_loss(x.to(self.device), v, self.flow, gen, ref=ref)
         self.engine.backward_step(loss)
         self.busy_seconds += time.perf_counter() - start
         return {"critic_loss": float(loss.detach()), "critic_step": self.engine.step}
 
 
 class GeneratorTrainer(_Trainer):
-    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
+    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, world: int = 1) -> None:
         cfg = _cfg(cfg)
-        super().__init__(cfg, checkpoint, causal=True, lr=cfg.train.dmd.generator_lr)
-        self.ema: dict[str, torch.Tensor] | None = None  # fp32 shadow, created at train.dmd.ema_start
+        super().__init__(cfg, checkpoint, causal=True, lr=cfg.train.dmd.generator_lr, world=world)
+        self.ema: dict[str, torch.Tensor] | None = None  # fp32 shadow on rank 0, created at train.dmd.ema_start
 
     def train_step(self, batch: Batch, seed: int, exit_step: int, teacher, critic) -> dict[str, float]:
-        """Own rollout with gradient at `exit_step`, scored by the teacher and the critic (objects or actors)."""
+        """Own rollout with gradient at `exit_step`, scored by the teacher and the critic (objects or actors,
+        or pools of them: rank r asks member r mod n)."""
         start = time.perf_counter()
+        batch, seed = self.share(batch), self.rank_seed(seed)
+        teacher, critic = _pick(teacher, self.rank), _pick(critic, self.rank)
         ref, text, audio = self.conditions(batch)
         x = rollout(self.model, self.cfg, ref, text, audio, seed, exit_step, grad=True)
         gen = torch.Generator(device=self.device).manual_seed(seed + 1)
@@ -179,6 +233,8 @@ class GeneratorTrainer(_Trainer):
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
+        if self.rank != 0:
+            return
         params = {k: v.detach().float() for k, v in self.model.state_dict().items()}
         if self.ema is None:
             self.ema = {k: v.clone().cpu() for k, v in params.items()}
@@ -190,7 +246,7 @@ class GeneratorTrainer(_Trainer):
         from safetensors.torch import save_file
 
         directory = self.engine.save(run_dir, extra=extra)
-        if self.ema is not None:
+        if self.ema is not None and self.rank == 0:
             save_file(self.ema, str(directory / EMA_FILE))
         return str(directory)
 

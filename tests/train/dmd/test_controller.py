@@ -85,3 +85,40 @@ def test_export_writes_the_ema_student_in_livetalk_layout(ray_cluster, dmd_check
     assert all(model.state_dict()[k].equal(ema[k]) for k in ema)
     source, _ = load_checkpoint(dmd_checkpoints[1])
     assert livetalk_key_hash(model.state_dict()) == livetalk_key_hash(source.state_dict())
+
+
+def test_trainer_roles_as_two_rank_deepspeed_groups_resume_exactly(
+    ray_cluster, dmd_checkpoints, random_shards, tmp_path
+):
+    cfg = dmd_cfg(
+        *dmd_checkpoints,
+        "train.engine.backend=deepspeed",
+        "train.engine.zero_stage=2",
+        "train.dmd.placement.generator.count=2",
+        "train.dmd.placement.critic.count=2",
+        "train.dmd.placement.generator.cpus=0.2",
+        "train.dmd.placement.critic.cpus=0.2",
+        "train.checkpoint_every=3",
+    )
+    whole = Controller(cfg, random_shards, tmp_path / "whole", 6)
+    assert whole.rollout_data.batch_size == whole.generator_data.batch_size == 4  # 2 ranks × micro-batch 2
+    whole.run()
+    Controller(cfg, random_shards, tmp_path / "split", 3).run()
+    Controller(cfg, random_shards, tmp_path / "split", 6).run()
+    for role in ("generator", "critic"):
+        a, b = engine_weights(tmp_path / "whole", 6, role), engine_weights(tmp_path / "split", 6, role)
+        assert all(a[k].equal(b[k]) for k in a), role
+        state = sorted((tmp_path / "whole" / "checkpoints" / "step_000006" / role / "checkpoints").glob("step_*"))[-1]
+        shards = sorted(p.name for p in (state / "train_state" / "state").glob("*optim_states.pt"))
+        assert len(shards) == 2, shards  # ZeRO-2 partitions the optimizer over the group's two ranks
+    records = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("generator_loss" in r for r in records) == 2 and all("critic_loss" in r for r in records)
+
+
+def test_a_multi_rank_trainer_role_needs_deepspeed(dmd_checkpoints):
+    from livetalk_ray.config import ConfigError
+    from livetalk_ray.train.dmd.placement import check_placement
+
+    cfg = dmd_cfg(*dmd_checkpoints, "train.engine.backend=torch", "train.dmd.placement.critic.count=2")
+    with pytest.raises(ConfigError, match="placement.critic.count=2 needs train.engine.backend=deepspeed"):
+        check_placement(cfg)
