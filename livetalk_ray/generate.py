@@ -34,6 +34,7 @@ def run_generate(
     checkpoint: Path | None,
     console: Console,
 ) -> dict:
+    from livetalk_ray.assets import with_embedded_weights
     from livetalk_ray.diffusion.pipeline import AvatarPipeline
     from livetalk_ray.media import load_audio
     from livetalk_ray.models.image import load_reference_image
@@ -45,6 +46,7 @@ def run_generate(
     num_frames = max(1, round(seconds * cfg.video.fps))
     num_blocks = blocks_for_frames(num_frames, cfg.cache.frames_per_block, cfg.model.audio_frames_per_latent)
 
+    cfg, checkpoint = with_embedded_weights(cfg, checkpoint)
     pipe = AvatarPipeline(cfg, checkpoint)
     start = time.perf_counter()
     stream = pipe.open_stream(ref, prompt)

@@ -1,10 +1,14 @@
 """`livetalk pipeline` end to end at tiny sizes on a real local Ray: every stage runs, leaves its marker
 and outputs, and a rerun skips everything that is done."""
 
+import hashlib
 import json
 
+import pytest
+import yaml
 from typer.testing import CliRunner
 
+from livetalk_ray.assets import install_toy_weights
 from livetalk_ray.cli import app
 from livetalk_ray.toy_pipeline import STAGES
 
@@ -48,3 +52,18 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0, again.output
     assert again.output.count("done earlier") == len(STAGES)
+
+    # The run installs as shipped weights: student + VAE + a manifest whose hashes match the files.
+    dest = tmp_path / "assets" / "toy"
+    manifest = install_toy_weights(tmp_path / "p", dest)
+    assert {"model.safetensors", "config.yaml", "vae/config.json"} <= set(manifest["sha256"])
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest, name
+    assert [r["model"] for r in manifest["eval"]][:3] == ["teacher", "ode", "dmd"]
+    assert yaml.safe_load((dest / "config.yaml").read_text())["vae"]["path"] is None
+
+
+def test_installing_an_unfinished_run_is_refused(tmp_path):
+    (tmp_path / "stages").mkdir()
+    with pytest.raises(FileNotFoundError, match="stages not done: vae_decoder, export, eval"):
+        install_toy_weights(tmp_path, tmp_path / "dest")

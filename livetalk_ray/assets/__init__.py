@@ -1,0 +1,77 @@
+"""Weights that ship inside the package, so `livetalk generate` and `livetalk serve` work out of the box.
+
+`toy/` holds the toy preset's DMD student (`model.safetensors` in LiveTalk's layout, `config.yaml`), its
+toy VAE (`vae/`, a diffusers directory carrying its latent statistics) and `manifest.json` (where the
+weights came from, sha256 of every file, the eval table). `livetalk pipeline --preset toy --out DIR`
+rebuilds them from scratch; `python -m livetalk_ray.assets DIR` installs DIR's result here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from livetalk_ray.config import LiveTalkConfig, load_config
+
+TOY_DIR = Path(__file__).parent / "toy"
+
+
+def toy_weights_available() -> bool:
+    return (TOY_DIR / "model.safetensors").is_file() and (TOY_DIR / "vae").is_dir()
+
+
+def with_embedded_weights(cfg: LiveTalkConfig, checkpoint: Path | None) -> tuple[LiveTalkConfig, Path | None]:
+    """The shipped toy student when the user names no checkpoint and runs the toy model, with the shipped VAE
+    whenever the shipped student runs; otherwise the inputs unchanged (a real preset without a checkpoint
+    stays a seeded random model)."""
+    if checkpoint is None and toy_weights_available() and cfg.model == load_config("toy").model:
+        checkpoint = TOY_DIR
+    if checkpoint is None or Path(checkpoint).resolve() != TOY_DIR.resolve():
+        return cfg, checkpoint
+    if cfg.vae.path is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.vae.path = str(TOY_DIR / "vae")
+    return cfg, TOY_DIR
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def install_toy_weights(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
+    """Copy a finished `livetalk pipeline` run's student and VAE into `dest` with a manifest."""
+    import yaml
+
+    run = Path(pipeline_dir)
+    stages = run / "stages"
+    missing = [s for s in ("vae_decoder", "export", "eval") if not (stages / f"{s}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{run} is not a finished pipeline run (stages not done: {', '.join(missing)})")
+    student = Path(json.loads((stages / "export.json").read_text())["checkpoint"])
+    vae = Path(json.loads((stages / "vae_decoder.json").read_text())["vae_path"])
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shutil.copy2(student / "model.safetensors", staging / "model.safetensors")
+    config = yaml.safe_load((student / "config.yaml").read_text())
+    config["vae"]["path"] = None  # filled in at load time with the VAE beside it (with_embedded_weights)
+    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    shutil.copytree(vae, staging / "vae")
+    files = sorted(p for p in staging.rglob("*") if p.is_file())
+    manifest = {
+        "built_by": "livetalk pipeline --preset toy",
+        "stages": {s: json.loads((stages / f"{s}.json").read_text()).get("seconds") for s in _stage_names(stages)},
+        "eval": json.loads((stages / "eval.json").read_text())["rows"],
+        "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files},
+    }
+    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+    return manifest
+
+
+def _stage_names(stages: Path) -> list[str]:
+    """Finished stages in the order they finished."""
+    return [p.stem for p in sorted(stages.glob("*.json"), key=lambda p: p.stat().st_mtime)]
