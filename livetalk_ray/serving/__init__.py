@@ -1,0 +1,1 @@
+"""Ray Serve deployments of live avatar sessions: ingress, LLM, speech, denoiser, VAE decoder."""
