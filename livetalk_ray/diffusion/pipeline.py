@@ -25,6 +25,24 @@ from livetalk_ray.models.image import tensor_to_uint8
 
 
 @dataclass
+class LatentBlock:
+    """The denoising half of a block (what a Denoiser replica hands to a VAE decoder)."""
+
+    index: int
+    first_frame: int
+    num_frames: int  # video frames these latents decode to
+    latents: torch.Tensor  # [1, C, fpb, h, w]
+    audio: np.ndarray  # float32 16 kHz samples under exactly these frames
+    timings: dict[str, float]  # seconds: audio, denoise, refill
+
+
+def frames_in_block(index: int, cfg: LiveTalkConfig) -> int:
+    """Video frames of block `index`: the VAE's first latent frame is one video frame, the others r each."""
+    r, fpb = cfg.model.audio_frames_per_latent, cfg.cache.frames_per_block
+    return r * fpb - (r - 1 if index == 0 else 0)
+
+
+@dataclass
 class BlockOutput:
     index: int
     first_frame: int  # index of the block's first video frame in the stream
@@ -69,7 +87,7 @@ class AvatarStream:
             latent_frames_per_block=cfg.cache.frames_per_block,
             frames_per_latent=cfg.model.audio_frames_per_latent,
         )
-        self.decoder = pipe.vae.stream()
+        self.decoder = None  # the VAE's streaming state, made by the first next_block (a Denoiser never decodes)
         self.frames_out = 0
 
     # -- audio in
@@ -95,23 +113,31 @@ class AvatarStream:
             feats = torch.cat([feats[:1].expand(r - 1, -1), feats])
         return feats.view(1, -1, r, feats.shape[-1]).to(self.pipe.device, self.pipe.dtype)
 
-    def next_block(self) -> BlockOutput:
+    def next_latents(self) -> LatentBlock:
+        """Denoise the next block (its audio window must have arrived, see `ready`)."""
         k = self.state.block_index
         t0 = time.perf_counter()
         audio = self._block_audio(k) if self.pipe.cfg.model.use_audio else None
         t1 = time.perf_counter()
         latents = self.pipe.sampler.next_block(self.state, audio)
-        t2 = time.perf_counter()
-        video = self.decoder.decode_block(latents)[0]
-        frames = tensor_to_uint8(video)
-        t3 = time.perf_counter()
-        first = self.frames_out
-        self.frames_out += frames.shape[0]
+        first, count = self.frames_out, frames_in_block(k, self.pipe.cfg)
+        self.frames_out += count
         samples = self._audio_samples(first, self.frames_out)
         self.audio.forget_before(self.frames_out)  # bounded memory on endless streams
-        timings = {"audio": t1 - t0, **self.state.timings, "decode": t3 - t2}
-        timings["total"] = t3 - t0
-        return BlockOutput(k, first, frames, samples, timings)
+        return LatentBlock(k, first, count, latents, samples, {"audio": t1 - t0, **self.state.timings})
+
+    def next_block(self) -> BlockOutput:
+        """Denoise and decode the next block in this process."""
+        t0 = time.perf_counter()
+        block = self.next_latents()
+        t1 = time.perf_counter()
+        if self.decoder is None:
+            self.decoder = self.pipe.vae.stream()
+        frames = tensor_to_uint8(self.decoder.decode_block(block.latents)[0])
+        t2 = time.perf_counter()
+        assert frames.shape[0] == block.num_frames, (frames.shape, block.num_frames)
+        timings = {**block.timings, "decode": t2 - t1, "total": t2 - t0}
+        return BlockOutput(block.index, block.first_frame, frames, block.audio, timings)
 
     def _audio_samples(self, f0: int, f1: int) -> np.ndarray:
         """The pushed audio under video frames [f0, f1) (silence past the end), for muxing."""
