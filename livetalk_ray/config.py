@@ -348,8 +348,24 @@ class SpeechConfig(_Section):
 
 
 class ServeConfig(_Section):
-    """Ray Serve deployment of live avatar sessions (serving/)."""
+    """Ray Serve deployment of live avatar sessions (serving/). Replica counts, resources and autoscaling are
+    Ray's own deployment options: serve_apps/*.yaml."""
 
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Bearer token for /v1 (and the page's API calls). None on loopback: no auth; None beyond loopback: a
+    # random token is generated and printed at start-up.
+    token: str | None = None
+    session_idle_s: float = Field(default=300.0, gt=0)  # a session nobody reads or writes is released
+    max_sessions: int = Field(default=32, ge=1)  # per ingress replica; more get 503
+    lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
+    max_reprimes: int = Field(default=3, ge=0)  # a session re-primed more often (lost replicas) ends
+    jpeg_quality: int = Field(default=85, ge=10, le=100)
+    max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64)
+    max_text_chars: int = Field(default=1000, ge=1)
+    max_audio_message_s: float = Field(default=10.0, gt=0)  # one binary PCM message
+    messages_per_s: float = Field(default=20.0, gt=0)  # per connection, averaged over a 5 s burst
     llm: LLMConfig = Field(default_factory=LLMConfig)
     speech: SpeechConfig = Field(default_factory=SpeechConfig)
 

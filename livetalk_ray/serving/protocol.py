@@ -1,0 +1,88 @@
+"""Wire formats shared by the ingress, the session driver, tests and the web page (static/app.js).
+
+Server → client, per block, one binary WebSocket message:
+
+    [4 bytes: header length N, big-endian] [N bytes: header JSON, UTF-8] [JPEG 0] [JPEG 1] ... [PCM]
+
+The header is `{"type": "block", "index", "first_frame", "fps", "sample_rate", "jpeg_sizes": [...],
+"pcm_samples", "timings"}`; the PCM is signed 16-bit little-endian mono audio under exactly these frames,
+so a player that schedules both at `first_frame / fps` keeps them in sync. Everything else (events, errors)
+travels as JSON text messages `{"type": ..., ...}`.
+
+Client → server: JSON text `{"type": "chat" | "say" | "prompt", "text": ...}`, `{"type": "audio_format",
+"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}`, and binary messages of PCM in that format.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+
+AUDIO_ENCODING = "pcm_s16le"
+
+
+class ProtocolError(ValueError):
+    """A client message the server cannot use; the message goes back to the client as an error event."""
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    return (np.clip(samples, -1.0, 1.0) * 32767).round().astype("<i2").tobytes()
+
+
+def encode_block(header: dict, jpegs: list[bytes], samples: np.ndarray) -> bytes:
+    head = json.dumps(
+        {"type": "block", **header, "jpeg_sizes": [len(j) for j in jpegs], "pcm_samples": len(samples)}
+    ).encode()
+    return b"".join([struct.pack(">I", len(head)), head, *jpegs, pcm16(samples)])
+
+
+def decode_block(message: bytes) -> tuple[dict, list[bytes], np.ndarray]:
+    """The inverse of `encode_block` (tests and Python clients)."""
+    (n,) = struct.unpack(">I", message[:4])
+    header = json.loads(message[4 : 4 + n])
+    offset, jpegs = 4 + n, []
+    for size in header["jpeg_sizes"]:
+        jpegs.append(message[offset : offset + size])
+        offset += size
+    pcm = np.frombuffer(message[offset:], dtype="<i2").astype(np.float32) / 32767
+    return header, jpegs, pcm
+
+
+def parse_client_text(raw: str, max_chars: int) -> dict:
+    """Validate one JSON text message from a client."""
+    try:
+        message = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError('a message must be a JSON object with a string "type"')
+    kind = message["type"]
+    if kind in ("chat", "say", "prompt"):
+        text = message.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ProtocolError(f'"{kind}" needs a non-empty string "text"')
+        if len(text) > max_chars:
+            raise ProtocolError(f'"text" is {len(text)} characters; the limit is {max_chars}')
+        return {"type": kind, "text": text.strip()}
+    if kind == "audio_format":
+        wanted = {"encoding": AUDIO_ENCODING, "channels": 1}
+        got = {k: message.get(k) for k in ("encoding", "sample_rate", "channels")}
+        if any(got[k] != v for k, v in wanted.items()):
+            raise ProtocolError(f"unsupported audio format {got}; send {AUDIO_ENCODING}, 1 channel")
+        return {"type": kind, "sample_rate": got["sample_rate"]}
+    raise ProtocolError(f"unknown message type {kind!r}; expected chat, say, prompt or audio_format")
+
+
+def parse_client_audio(data: bytes, sample_rate: int | None, expected_rate: int, max_seconds: float) -> np.ndarray:
+    """Binary PCM from a client → float32 samples at the model's rate."""
+    if sample_rate is None:
+        raise ProtocolError('send {"type": "audio_format", ...} before binary audio')
+    if sample_rate != expected_rate:
+        raise ProtocolError(f"audio must be {expected_rate} Hz, the declared format says {sample_rate} Hz")
+    if len(data) % 2:
+        raise ProtocolError(f"{AUDIO_ENCODING} audio has an even number of bytes, got {len(data)}")
+    if len(data) / 2 / expected_rate > max_seconds:
+        raise ProtocolError(f"one audio message may hold at most {max_seconds:g} s")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767

@@ -1,0 +1,145 @@
+"""The session driver on the real Denoiser and VAEDecoder classes, in process (Serve-free): blocks come out
+in order with their audio, speech lands in the stream, pacing and back-pressure bound the work, and a lost
+session is re-primed, then ended with a clear error."""
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from livetalk_ray.config import load_config
+from livetalk_ray.serving.denoiser import Denoiser
+from livetalk_ray.serving.protocol import decode_block
+from livetalk_ray.serving.session import SUBSCRIBER_BLOCKS, SessionDriver, SessionSpec, Stage
+from livetalk_ray.serving.vae_decoder import VAEDecoder
+
+
+def cfg_with(*overrides):
+    return load_config("toy", overrides=["model.num_layers=2", *overrides])
+
+
+@pytest.fixture
+def stages():
+    """Fresh deployment objects per test: each test runs its own event loop, and their locks bind to one."""
+    cfg = cfg_with()
+    return Denoiser(cfg.model_dump(mode="json"), None), VAEDecoder(cfg.model_dump(mode="json"))
+
+
+def driver_for(stages, *overrides, sid="s1"):
+    cfg = cfg_with(*overrides)
+    image = np.full((64, 64, 3), 120, np.uint8)
+    image[16:48, 20:44] = (200, 160, 130)
+    spec = SessionSpec(sid, image, "a friendly guide", "A person talks.", seed=1)
+    return SessionDriver(spec, cfg, Stage("denoiser", stages[0], sid), Stage("decoder", stages[1], sid))
+
+
+async def take(subscriber, n, kind=bytes, timeout=60):
+    out = []
+    while len(out) < n:
+        item = await asyncio.wait_for(subscriber.get(), timeout)
+        if isinstance(item, kind):
+            out.append(item)
+    return out
+
+
+def test_blocks_arrive_in_order_with_audio_under_their_frames(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100")
+        queue = driver.subscribe()
+        driver.start()
+        first_event = await asyncio.wait_for(queue.get(), 60)
+        messages = await take(queue, 4)
+        await driver.close()
+        return first_event, [decode_block(m) for m in messages], driver
+
+    first_event, blocks, driver = asyncio.run(main())
+    assert first_event["type"] == "first_frame" and first_event["latency_s"] > 0
+    expected_first = 0
+    for k, (header, jpegs, pcm) in enumerate(blocks):
+        assert header["index"] == k and header["first_frame"] == expected_first
+        assert len(jpegs) == (9 if k == 0 else 12)
+        assert Image.open(io.BytesIO(jpegs[0])).size == (64, 64)
+        assert len(pcm) == len(jpegs) * 16000 // 16  # exactly the audio under these frames
+        expected_first += len(jpegs)
+    assert stages[0].core.sessions == {} and stages[1].core.sessions == {}  # released on close
+
+
+def test_queued_speech_plays_in_the_next_blocks(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100", sid="speech")
+        queue = driver.subscribe()
+        tone = 0.5 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000).astype(np.float32)
+        driver.add_speech(tone)  # before the first block: it starts at frame 0
+        driver.start()
+        blocks = [decode_block(m) for m in await take(queue, 3)]
+        await driver.close()
+        return np.concatenate([pcm for _, _, pcm in blocks])
+
+    audio = asyncio.run(main())
+    np.testing.assert_allclose(
+        audio[:16000], np.round(np.sin(2 * np.pi * 300 * np.arange(16000) / 16000) * 0.5 * 32767) / 32767, atol=1e-4
+    )
+    assert np.abs(audio[16000:]).max() == 0  # then silence: nobody speaks
+
+
+def test_pacing_keeps_the_stream_near_the_wall_clock(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=1", sid="paced")
+        queue = driver.subscribe()
+        driver.start()
+        start = time.monotonic()
+        got = 0
+        while time.monotonic() - start < 2.0:
+            item = await asyncio.wait_for(queue.get(), 30)
+            got += isinstance(item, bytes)
+        made, elapsed = driver.frames_made, time.monotonic() - start
+        await driver.close()
+        return made, elapsed
+
+    made, elapsed = asyncio.run(main())
+    # at most lead (0.75 s) ahead of the clock, plus the block being prepared when the clock was read
+    assert made <= (elapsed + 0.75) * 16 + 12, (made, elapsed)
+
+
+def test_a_subscriber_that_does_not_read_stops_the_driver(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100", sid="slow")
+        driver.subscribe()  # never read
+        driver.start()
+        await asyncio.sleep(3.0)
+        made = driver.frames_made
+        await driver.close()
+        return made, driver.blocks_published
+
+    made, published = asyncio.run(main())
+    assert published <= SUBSCRIBER_BLOCKS  # the first-frame event also takes a slot
+    assert made <= 9 + 12 * (SUBSCRIBER_BLOCKS + 1)  # ≤ 2 blocks in flight past what was published
+
+
+def test_a_lost_session_is_reprimed_then_ended_with_an_error(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100", "serve.max_reprimes=1", sid="lost")
+        queue = driver.subscribe()
+        driver.start()
+        await take(queue, 2)
+        events = []
+        for _ in range(2):  # lose the session twice: one re-prime allowed, then the end
+            await take(queue, 1)  # the (re-)opened session is streaming
+            stages[0].core.close("lost")
+            for _ in range(20):
+                item = await asyncio.wait_for(queue.get(), 60)
+                if isinstance(item, dict) and item["type"] in ("reprimed", "error"):
+                    events.append(item)
+                    break
+        for _ in range(20):
+            if await asyncio.wait_for(queue.get(), 60) == {"type": "closed"}:
+                break
+        await driver.close()
+        return events
+
+    events = asyncio.run(main())
+    assert events[0]["type"] == "reprimed" and "denoiser" in events[0]["reason"]
+    assert events[1]["type"] == "error" and events[1]["code"] == "session_lost"
