@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,23 @@ def load_reference_image(path: str | Path, height: int, width: int) -> torch.Ten
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"reference image not found: {path}")
+    return decode_reference_image(path.read_bytes(), height, width, name=str(path))
+
+
+def decode_reference_image(
+    data: bytes, height: int, width: int, name: str = "the upload", max_pixels: int = 64 * 2**20
+) -> torch.Tensor:
+    """Encoded image bytes → [3, H, W] in [-1, 1]; refuses non-images, tiny images and pixel bombs (the
+    header is checked before any pixel is decoded)."""
     try:
-        with Image.open(path) as raw:
+        with Image.open(io.BytesIO(data)) as raw:
+            if raw.width * raw.height > max_pixels:
+                raise ImageError(f"{name} is {raw.width}x{raw.height}: more than {max_pixels} pixels")
             image = ImageOps.exif_transpose(raw).convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise ImageError(f"cannot read {path} as an image: {exc}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read {name} as an image: {exc}") from None
     if min(image.size) < 8:
-        raise ImageError(f"reference image {path} is too small ({image.width}x{image.height})")
+        raise ImageError(f"reference image {name} is too small ({image.width}x{image.height})")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return (resize_cover_crop(pixels, height, width) / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 

@@ -1,0 +1,93 @@
+"""`livetalk serve`: local Ray + the avatar app on the embedded default (or a checkpoint), until Ctrl-C."""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from livetalk_ray.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    PresetOpt,
+    SetOpt,
+    console,
+    friendly_errors,
+    ray_session,
+    resolve_config,
+)
+from livetalk_ray.config import ConfigError
+
+APP_NAME = "livetalk"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _wait_healthy(url: str, timeout_s: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    if not stop.is_set():
+        raise ConfigError(f"the app did not answer {url}/healthz within {timeout_s:.0f} s (see `ray logs`)")
+
+
+@friendly_errors
+def serve_command(
+    host: Annotated[str | None, typer.Option("--host", help="bind address (beyond loopback: token auth)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="student checkpoint directory")] = None,
+    ready_timeout: Annotated[float, typer.Option("--ready-timeout", help="seconds to wait for /healthz")] = 600.0,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+) -> None:
+    """Serve live avatar sessions: the web page, the HTTP/WebSocket API and every deployment, on local Ray."""
+    from ray import serve
+
+    from livetalk_ray.serving.app import build_app
+
+    cfg = resolve_config(preset, config, set_)
+    s = cfg.serve
+    s.host, s.port = host or s.host, s.port if port is None else port
+    if s.token is None and not _loopback(s.host):
+        s.token = secrets.token_urlsafe(24)
+        console.print(f"bound beyond loopback: API token [bold]{s.token}[/] (Authorization: Bearer …)")
+    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
+        raise ConfigError(f"--checkpoint {checkpoint} has no model.safetensors")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with ray_session(address):
+        try:
+            serve.start(http_options={"host": s.host, "port": s.port})
+            serve.run(build_app(cfg, checkpoint), name=APP_NAME, route_prefix="/", blocking=False)
+            shown = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+            url = f"http://{shown}:{s.port}"
+            _wait_healthy(url, ready_timeout, stop)
+            if not stop.is_set():
+                console.print(f"[bold green]ready[/]: open {url}  ·  API docs {url}/docs  ·  Ctrl-C stops")
+            stop.wait()
+            console.print("shutting down …")
+        finally:
+            serve.shutdown()

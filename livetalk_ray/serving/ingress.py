@@ -1,0 +1,324 @@
+"""The Ingress deployment: HTTP + WebSocket API, the web page, and one SessionDriver per live session.
+
+    POST   /v1/sessions                 reference image (upload or a bundled portrait) + persona → session
+    GET    /v1/sessions/{id}            status
+    WS     /v1/sessions/{id}/ws         text / PCM / "say" in; per-block JPEG frames + PCM and events out
+    GET    /v1/sessions/{id}/stream     MJPEG of the same stream (an <img> can show it)
+    DELETE /v1/sessions/{id}            release everywhere
+    GET    /v1/portraits[/{name}.png]   bundled portraits;  GET /healthz;  GET / the page;  /docs OpenAPI
+
+Sessions live in the ingress replica that created them (drivers only relay; the Denoiser, VAEDecoder and
+LLM replicas, which hold the heavy state, are the ones that scale). With auth on, every /v1 call needs
+`Authorization: Bearer TOKEN` (a browser's WebSocket or <img> may pass `?token=TOKEN`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from importlib import resources
+
+import numpy as np
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
+
+from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.models.image import ImageError, decode_reference_image
+from livetalk_ray.serving.portraits import portrait_png, portraits
+from livetalk_ray.serving.protocol import ProtocolError, decode_block, parse_client_audio, parse_client_text
+from livetalk_ray.serving.session import SessionDriver, SessionSpec, Stage
+
+app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
+
+
+class Ingress:
+    """Serve deployment class (decorated with `serve.ingress(app)` in serving/app.py)."""
+
+    def __init__(self, cfg: dict, denoiser, decoder, llm, speech) -> None:
+        self.cfg = LiveTalkConfig.model_validate(cfg)
+        self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech}
+        self.sessions: dict[str, Live] = {}
+        self.reaper: asyncio.Task | None = None
+
+    # ---------------------------------------------------------------- helpers
+    def _auth(self, request: Request | WebSocket) -> None:
+        token = self.cfg.serve.token
+        if token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
+        given = given or request.query_params.get("token")
+        if given is None or not secrets.compare_digest(given, token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _live(self, session_id: str) -> Live:
+        live = self.sessions.get(session_id)
+        if live is None:
+            raise HTTPException(404, f"unknown session {session_id}")
+        return live
+
+    def _ensure_reaper(self) -> None:
+        if self.reaper is None:
+            self.reaper = asyncio.create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        idle_s = self.cfg.serve.session_idle_s
+        while True:
+            await asyncio.sleep(min(idle_s / 4, 15.0))
+            now = time.monotonic()
+            for sid, live in list(self.sessions.items()):
+                if not live.driver.subscribers and now - live.driver.last_activity > idle_s:
+                    await self._release(sid)
+
+    async def _release(self, session_id: str) -> None:
+        live = self.sessions.pop(session_id, None)
+        if live is not None:
+            await live.close()
+
+    # ---------------------------------------------------------------- routes
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok", "sessions": len(self.sessions)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(resources.files("livetalk_ray.serving").joinpath("web/index.html").read_text())
+
+    @app.get("/app.js")
+    async def script(self) -> Response:
+        body = resources.files("livetalk_ray.serving").joinpath("web/app.js").read_text()
+        return Response(body, media_type="text/javascript")
+
+    @app.get("/v1/portraits")
+    async def list_portraits(self, request: Request) -> dict:
+        self._auth(request)
+        return {"portraits": list(portraits())}
+
+    @app.get("/v1/portraits/{name}.png")
+    async def get_portrait(self, name: str, request: Request) -> Response:
+        self._auth(request)
+        if name not in portraits():
+            raise HTTPException(404, f"unknown portrait {name!r}; see GET /v1/portraits")
+        return Response(portrait_png(name), media_type="image/png")
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(
+        self,
+        request: Request,
+        image: UploadFile | None = File(None, description="reference portrait (PNG/JPEG/WebP...)"),
+        portrait: str | None = Form(None, description="or the name of a bundled portrait"),
+        persona: str = Form("a friendly assistant", max_length=500),
+        prompt: str = Form("A person talks to the camera.", max_length=500),
+        seed: int = Form(0),
+    ) -> dict:
+        self._auth(request)
+        s = self.cfg.serve
+        if len(self.sessions) >= s.max_sessions:
+            raise HTTPException(503, f"this server holds {s.max_sessions} sessions", headers={"Retry-After": "10"})
+        pixels = await self._reference(image, portrait)
+        session_id = secrets.token_urlsafe(12)
+        spec = SessionSpec(session_id, pixels, persona.strip() or "a friendly assistant", prompt, seed)
+        live = Live(spec, self.cfg, self.handles)
+        await live.llm.call("open", session_id, spec.persona)
+        self.sessions[session_id] = live
+        live.driver.start()
+        self._ensure_reaper()
+        base = f"/v1/sessions/{session_id}"
+        return {
+            "session_id": session_id,
+            "fps": self.cfg.video.fps,
+            "sample_rate": self.cfg.audio.sample_rate,
+            "size": [self.cfg.video.width, self.cfg.video.height],
+            "ws": f"{base}/ws",
+            "stream": f"{base}/stream",
+        }
+
+    async def _reference(self, image: UploadFile | None, portrait: str | None) -> np.ndarray:
+        v, s = self.cfg.video, self.cfg.serve
+        if (image is None) == (portrait is None):
+            raise HTTPException(400, "send exactly one of: an `image` file upload, a `portrait` name")
+        if portrait is not None:
+            if portrait not in portraits():
+                raise HTTPException(400, f"unknown portrait {portrait!r}; see GET /v1/portraits")
+            data, name = portrait_png(portrait), portrait
+        else:
+            data, name = await image.read(s.max_image_bytes + 1), image.filename or "the upload"
+            if len(data) > s.max_image_bytes:
+                raise HTTPException(413, f"{name} is larger than {s.max_image_bytes} bytes")
+        try:
+            ref = decode_reference_image(data, v.height, v.width, name=name, max_pixels=s.max_image_pixels)
+        except ImageError as exc:
+            raise HTTPException(415 if "cannot read" in str(exc) else 400, str(exc)) from None
+        return ((ref + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session_status(self, session_id: str, request: Request) -> dict:
+        self._auth(request)
+        return self._live(session_id).status()
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(self, session_id: str, request: Request) -> dict:
+        self._auth(request)
+        self._live(session_id)
+        await self._release(session_id)
+        return {"session_id": session_id, "released": True}
+
+    @app.get("/v1/sessions/{session_id}/stream")
+    async def mjpeg(self, session_id: str, request: Request) -> StreamingResponse:
+        self._auth(request)
+        driver = self._live(session_id).driver
+
+        async def frames():
+            subscriber = driver.subscribe()
+            try:
+                while True:
+                    item = await subscriber.get()
+                    if isinstance(item, dict):
+                        if item["type"] == "closed":
+                            return
+                        continue
+                    header, jpegs, _ = decode_block(item)
+                    for jpeg in jpegs:
+                        yield b"--frame\r\nContent-Type: image/jpeg\r\n\r\n" + jpeg + b"\r\n"
+                        await asyncio.sleep(1 / header["fps"])  # an <img> shows frames as they arrive
+            finally:
+                driver.unsubscribe(subscriber)
+
+        return StreamingResponse(frames(), media_type="multipart/x-mixed-replace; boundary=frame")
+
+    @app.websocket("/v1/sessions/{session_id}/ws")
+    async def websocket(self, ws: WebSocket, session_id: str) -> None:
+        try:
+            self._auth(ws)
+        except HTTPException as exc:
+            await ws.close(code=4401, reason=exc.detail)
+            return
+        live = self.sessions.get(session_id)
+        if live is None:
+            await ws.close(code=4404, reason=f"unknown session {session_id}")
+            return
+        await ws.accept()
+        subscriber = live.driver.subscribe()
+        sender = asyncio.create_task(_send_all(ws, subscriber))
+        try:
+            await live.receive(ws)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            live.driver.unsubscribe(subscriber)
+            sender.cancel()
+
+
+async def _send_all(ws: WebSocket, subscriber) -> None:
+    while True:
+        item = await subscriber.get()
+        if isinstance(item, bytes):
+            await ws.send_bytes(item)
+        else:
+            await ws.send_json(item)
+            if item["type"] == "closed":
+                await ws.close()
+                return
+
+
+class Live:
+    """A session in this ingress: its driver plus the conversation (LLM → speech → driver)."""
+
+    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
+        self.spec, self.cfg = spec, cfg
+        sid = spec.session_id
+        stages = {name: Stage(name, handle, sid) for name, handle in handles.items()}
+        self.llm, self.speech = stages["llm"], stages["speech"]
+        self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
+        self.turns: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.talker = asyncio.create_task(self._talk())
+
+    def status(self) -> dict:
+        d = self.driver
+        return {
+            "session_id": self.spec.session_id,
+            "blocks": d.blocks_published,
+            "frames": d.frames_published,
+            "first_frame_s": d.first_frame_s,
+            "queued_speech_s": d.queued_speech_s(),
+            "viewers": len(d.subscribers),
+            "closed": d.closed.is_set(),
+        }
+
+    async def receive(self, ws: WebSocket) -> None:
+        """Client messages until it disconnects; a bad message is answered with an error event."""
+        s, sample_rate, bucket = self.cfg.serve, None, _Bucket(self.cfg.serve.messages_per_s)
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self.driver.last_activity = time.monotonic()
+            try:
+                if not bucket.take():
+                    raise ProtocolError(f"more than {s.messages_per_s:g} messages per second")
+                if message.get("bytes") is not None:
+                    rate = self.cfg.audio.sample_rate
+                    self.driver.add_speech(
+                        parse_client_audio(message["bytes"], sample_rate, rate, s.max_audio_message_s)
+                    )
+                    continue
+                parsed = parse_client_text(message.get("text") or "", s.max_text_chars)
+                if parsed["type"] == "audio_format":
+                    sample_rate = parsed["sample_rate"]
+                elif parsed["type"] == "prompt":
+                    await self.driver.denoiser.call("set_prompt", self.spec.session_id, parsed["text"])
+                else:
+                    self.turns.put_nowait(parsed)
+            except ProtocolError as exc:
+                await ws.send_json({"type": "error", "code": "bad_message", "message": str(exc)})
+            except asyncio.QueueFull:
+                await ws.send_json({"type": "error", "code": "busy", "message": "8 turns are already waiting"})
+
+    async def _talk(self) -> None:
+        """Turns in order: `chat` asks the LLM and speaks each sentence as it completes; `say` speaks."""
+        sid = self.spec.session_id
+        while True:
+            turn = await self.turns.get()
+            try:
+                if turn["type"] == "say":
+                    await self._speak(turn["text"])
+                    continue
+                await self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
+                async for sentence in self.llm.stream("reply", sid, turn["text"]):
+                    await self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
+                    await self._speak(sentence)
+            except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
+                await self.driver.publish({"type": "error", "code": "turn_failed", "message": f"{exc}"})
+
+    async def _speak(self, text: str) -> None:
+        samples = await self.speech.call("synthesize", text)
+        self.driver.add_speech(samples)
+        await self.driver.publish(
+            {"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate}
+        )
+
+    async def close(self) -> None:
+        self.talker.cancel()
+        await self.driver.close()
+        try:
+            await self.llm.call("close", self.spec.session_id)
+        except Exception:  # noqa: BLE001 - a lost LLM replica holds nothing to release
+            pass
+
+
+class _Bucket:
+    """Token bucket: `rate` messages per second with a burst of 5 s."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, 5 * rate
+        self.tokens, self.stamp = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True

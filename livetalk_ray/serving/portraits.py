@@ -1,0 +1,24 @@
+"""Bundled portraits for the page's picker: toy-world identities the embedded toy model animates well
+(any uploaded photo works too; a real checkpoint animates real faces)."""
+
+from __future__ import annotations
+
+import io
+from functools import cache
+
+PORTRAIT_SEEDS = {"ada": 11, "bo": 23, "cy": 37, "dee": 41, "eli": 53, "fay": 67}
+
+
+def portraits() -> tuple[str, ...]:
+    return tuple(PORTRAIT_SEEDS)
+
+
+@cache
+def portrait_png(name: str) -> bytes:
+    from PIL import Image
+
+    from livetalk_ray.toyworld.render import render_reference, sample_identity
+
+    out = io.BytesIO()
+    Image.fromarray(render_reference(sample_identity(PORTRAIT_SEEDS[name]), 256, 256)).save(out, format="PNG")
+    return out.getvalue()
