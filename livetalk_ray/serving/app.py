@@ -17,7 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import LiveTalkConfig, load_config
 from livetalk_ray.serving.denoiser import Denoiser
-from livetalk_ray.serving.ingress import Ingress, app
+from livetalk_ray.serving.ingress import Ingress
 from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
@@ -62,27 +62,34 @@ class SpeechSynth:
         return await asyncio.to_thread(self.speech.synthesize, text)
 
 
-def build_app(cfg: LiveTalkConfig, checkpoint: str | Path | None = None) -> serve.Application:
+# Code defaults for one CPU machine; `overrides` (tests) and serve_apps/*.yaml (clusters) replace them by name.
+DEFAULTS: dict[str, dict] = {
+    "Denoiser": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
+    "VAEDecoder": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
+    "LLM": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.25}},
+    "Speech": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.25}},
+    # A WebSocket holds an ingress slot for its whole life: this limit counts connections, not calls.
+    "Ingress": {"max_ongoing_requests": 200, "ray_actor_options": {"num_cpus": 0.25}},
+}
+STATEFUL = ("Denoiser", "VAEDecoder", "LLM")  # sticky routing and a long drain for their sessions
+
+
+def build_app(
+    cfg: LiveTalkConfig, checkpoint: str | Path | None = None, overrides: dict[str, dict] | None = None
+) -> serve.Application:
     cfg, checkpoint = with_embedded_weights(cfg, Path(checkpoint) if checkpoint else None)
     data, ckpt = cfg.model_dump(mode="json"), str(checkpoint) if checkpoint else None
-    drain = {"graceful_shutdown_timeout_s": SESSION_DRAIN_S}
-    denoiser = serve.deployment(
-        Denoiser, name="Denoiser", request_router_config=STICKY, max_ongoing_requests=8, **drain
-    ).options(ray_actor_options={"num_cpus": 0.5})
-    decoder = serve.deployment(
-        VAEDecoder, name="VAEDecoder", request_router_config=STICKY, max_ongoing_requests=8, **drain
-    ).options(ray_actor_options={"num_cpus": 0.5})
-    llm = serve.deployment(LLM, name="LLM", request_router_config=STICKY, max_ongoing_requests=16, **drain).options(
-        ray_actor_options={"num_cpus": 0.25}
-    )
-    speech = serve.deployment(SpeechSynth, name="Speech", max_ongoing_requests=16).options(
-        ray_actor_options={"num_cpus": 0.25}
-    )
-    # A WebSocket holds an ingress slot for its whole life: the limit counts connections, not calls.
-    ingress = serve.deployment(serve.ingress(app)(Ingress), name="Ingress", max_ongoing_requests=200).options(
-        ray_actor_options={"num_cpus": 0.25}
-    )
-    return ingress.bind(data, denoiser.bind(data, ckpt), decoder.bind(data), llm.bind(data), speech.bind(data))
+
+    def deployment(cls, name: str):
+        options = {**DEFAULTS[name], **(overrides or {}).get(name, {})}
+        if name in STATEFUL:
+            options = {"request_router_config": STICKY, "graceful_shutdown_timeout_s": SESSION_DRAIN_S, **options}
+        return serve.deployment(cls, name=name, **options)
+
+    denoiser = deployment(Denoiser, "Denoiser").bind(data, ckpt)
+    decoder = deployment(VAEDecoder, "VAEDecoder").bind(data)
+    llm, speech = deployment(LLM, "LLM").bind(data), deployment(SpeechSynth, "Speech").bind(data)
+    return deployment(Ingress, "Ingress").bind(data, denoiser, decoder, llm, speech)
 
 
 def build(args: dict) -> serve.Application:

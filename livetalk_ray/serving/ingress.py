@@ -12,8 +12,7 @@ LLM replicas, which hold the heavy state, are the ones that scale). With auth on
 `Authorization: Bearer TOKEN` (a browser's WebSocket or <img> may pass `?token=TOKEN`).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see real classes (Request, UploadFile) in route signatures.
 import asyncio
 import secrets
 import time
@@ -22,6 +21,7 @@ from importlib import resources
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from ray import serve
 
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.models.image import ImageError, decode_reference_image
@@ -32,8 +32,125 @@ from livetalk_ray.serving.session import SessionDriver, SessionSpec, Stage
 app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
 
 
+async def _send_all(ws: WebSocket, subscriber) -> None:
+    while True:
+        item = await subscriber.get()
+        if isinstance(item, bytes):
+            await ws.send_bytes(item)
+        else:
+            await ws.send_json(item)
+            if item["type"] == "closed":
+                await ws.close()
+                return
+
+
+class Live:
+    """A session in this ingress: its driver plus the conversation (LLM → speech → driver)."""
+
+    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
+        self.spec, self.cfg = spec, cfg
+        sid = spec.session_id
+        stages = {name: Stage(name, handle, sid) for name, handle in handles.items()}
+        self.llm, self.speech = stages["llm"], stages["speech"]
+        self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
+        self.turns: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.talker = asyncio.create_task(self._talk())
+
+    def status(self) -> dict:
+        d = self.driver
+        return {
+            "session_id": self.spec.session_id,
+            "blocks": d.blocks_published,
+            "frames": d.frames_published,
+            "first_frame_s": d.first_frame_s,
+            "queued_speech_s": d.queued_speech_s(),
+            "viewers": len(d.subscribers),
+            "closed": d.closed.is_set(),
+        }
+
+    async def receive(self, ws: WebSocket) -> None:
+        """Client messages until it disconnects; a bad message is answered with an error event."""
+        s, sample_rate, bucket = self.cfg.serve, None, _Bucket(self.cfg.serve.messages_per_s)
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            self.driver.last_activity = time.monotonic()
+            try:
+                if not bucket.take():
+                    raise ProtocolError(f"more than {s.messages_per_s:g} messages per second")
+                if message.get("bytes") is not None:
+                    rate = self.cfg.audio.sample_rate
+                    self.driver.add_speech(
+                        parse_client_audio(message["bytes"], sample_rate, rate, s.max_audio_message_s)
+                    )
+                    continue
+                parsed = parse_client_text(message.get("text") or "", s.max_text_chars)
+                if parsed["type"] == "audio_format":
+                    sample_rate = parsed["sample_rate"]
+                elif parsed["type"] == "prompt":
+                    await self.driver.denoiser.call("set_prompt", self.spec.session_id, parsed["text"])
+                else:
+                    self.turns.put_nowait(parsed)
+            except ProtocolError as exc:
+                await ws.send_json({"type": "error", "code": "bad_message", "message": str(exc)})
+            except asyncio.QueueFull:
+                await ws.send_json({"type": "error", "code": "busy", "message": "8 turns are already waiting"})
+
+    async def _talk(self) -> None:
+        """Turns in order: `chat` asks the LLM and speaks each sentence as it completes; `say` speaks."""
+        sid = self.spec.session_id
+        while True:
+            turn = await self.turns.get()
+            try:
+                if turn["type"] == "say":
+                    await self._speak(turn["text"])
+                    continue
+                await self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
+                async for sentence in self.llm.stream("reply", sid, turn["text"]):
+                    await self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
+                    await self._speak(sentence)
+            except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
+                await self.driver.publish({"type": "error", "code": "turn_failed", "message": f"{exc}"})
+
+    async def _speak(self, text: str) -> None:
+        samples = await self.speech.call("synthesize", text)
+        self.driver.add_speech(samples)
+        await self.driver.publish(
+            {"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate}
+        )
+
+    async def close(self) -> None:
+        self.talker.cancel()
+        await self.driver.close()
+        try:
+            await self.llm.call("close", self.spec.session_id)
+        except Exception:  # noqa: BLE001 - a lost LLM replica holds nothing to release
+            pass
+
+
+class _Bucket:
+    """Token bucket: `rate` messages per second with a burst of 5 s."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate, self.capacity = rate, 5 * rate
+        self.tokens, self.stamp = self.capacity, time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+# Decorated here, at import, and last in the module: Serve rewrites the routes for the class and freezes
+# the app right away (by value), so everything the routes use must exist by then, in every replica.
+@serve.ingress(app)
 class Ingress:
-    """Serve deployment class (decorated with `serve.ingress(app)` in serving/app.py)."""
+    """Serve deployment class (made a deployment in serving/app.py)."""
 
     def __init__(self, cfg: dict, denoiser, decoder, llm, speech) -> None:
         self.cfg = LiveTalkConfig.model_validate(cfg)
@@ -52,7 +169,7 @@ class Ingress:
         if given is None or not secrets.compare_digest(given, token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def _live(self, session_id: str) -> Live:
+    def _live(self, session_id: str) -> "Live":
         live = self.sessions.get(session_id)
         if live is None:
             raise HTTPException(404, f"unknown session {session_id}")
@@ -208,117 +325,3 @@ class Ingress:
         finally:
             live.driver.unsubscribe(subscriber)
             sender.cancel()
-
-
-async def _send_all(ws: WebSocket, subscriber) -> None:
-    while True:
-        item = await subscriber.get()
-        if isinstance(item, bytes):
-            await ws.send_bytes(item)
-        else:
-            await ws.send_json(item)
-            if item["type"] == "closed":
-                await ws.close()
-                return
-
-
-class Live:
-    """A session in this ingress: its driver plus the conversation (LLM → speech → driver)."""
-
-    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
-        self.spec, self.cfg = spec, cfg
-        sid = spec.session_id
-        stages = {name: Stage(name, handle, sid) for name, handle in handles.items()}
-        self.llm, self.speech = stages["llm"], stages["speech"]
-        self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
-        self.turns: asyncio.Queue = asyncio.Queue(maxsize=8)
-        self.talker = asyncio.create_task(self._talk())
-
-    def status(self) -> dict:
-        d = self.driver
-        return {
-            "session_id": self.spec.session_id,
-            "blocks": d.blocks_published,
-            "frames": d.frames_published,
-            "first_frame_s": d.first_frame_s,
-            "queued_speech_s": d.queued_speech_s(),
-            "viewers": len(d.subscribers),
-            "closed": d.closed.is_set(),
-        }
-
-    async def receive(self, ws: WebSocket) -> None:
-        """Client messages until it disconnects; a bad message is answered with an error event."""
-        s, sample_rate, bucket = self.cfg.serve, None, _Bucket(self.cfg.serve.messages_per_s)
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            self.driver.last_activity = time.monotonic()
-            try:
-                if not bucket.take():
-                    raise ProtocolError(f"more than {s.messages_per_s:g} messages per second")
-                if message.get("bytes") is not None:
-                    rate = self.cfg.audio.sample_rate
-                    self.driver.add_speech(
-                        parse_client_audio(message["bytes"], sample_rate, rate, s.max_audio_message_s)
-                    )
-                    continue
-                parsed = parse_client_text(message.get("text") or "", s.max_text_chars)
-                if parsed["type"] == "audio_format":
-                    sample_rate = parsed["sample_rate"]
-                elif parsed["type"] == "prompt":
-                    await self.driver.denoiser.call("set_prompt", self.spec.session_id, parsed["text"])
-                else:
-                    self.turns.put_nowait(parsed)
-            except ProtocolError as exc:
-                await ws.send_json({"type": "error", "code": "bad_message", "message": str(exc)})
-            except asyncio.QueueFull:
-                await ws.send_json({"type": "error", "code": "busy", "message": "8 turns are already waiting"})
-
-    async def _talk(self) -> None:
-        """Turns in order: `chat` asks the LLM and speaks each sentence as it completes; `say` speaks."""
-        sid = self.spec.session_id
-        while True:
-            turn = await self.turns.get()
-            try:
-                if turn["type"] == "say":
-                    await self._speak(turn["text"])
-                    continue
-                await self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
-                async for sentence in self.llm.stream("reply", sid, turn["text"]):
-                    await self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
-                    await self._speak(sentence)
-            except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
-                await self.driver.publish({"type": "error", "code": "turn_failed", "message": f"{exc}"})
-
-    async def _speak(self, text: str) -> None:
-        samples = await self.speech.call("synthesize", text)
-        self.driver.add_speech(samples)
-        await self.driver.publish(
-            {"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate}
-        )
-
-    async def close(self) -> None:
-        self.talker.cancel()
-        await self.driver.close()
-        try:
-            await self.llm.call("close", self.spec.session_id)
-        except Exception:  # noqa: BLE001 - a lost LLM replica holds nothing to release
-            pass
-
-
-class _Bucket:
-    """Token bucket: `rate` messages per second with a burst of 5 s."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate, self.capacity = rate, 5 * rate
-        self.tokens, self.stamp = self.capacity, time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True

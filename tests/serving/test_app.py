@@ -1,0 +1,239 @@
+"""The whole app on a real local Ray Serve: sessions over HTTP and WebSocket, speech in the stream, every
+bad input answered with a clear 4xx or error event, and a killed Denoiser replica survived."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+
+import httpx
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from livetalk_ray.config import load_config
+from livetalk_ray.serving.protocol import decode_block
+
+TOKEN = "test-token-123"
+SMALL = {
+    name: {"ray_actor_options": {"num_cpus": 0.2}} for name in ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster):
+    from ray import serve
+
+    from livetalk_ray.serving.app import build_app
+
+    port = free_port()
+    cfg = load_config(
+        "toy",
+        overrides=[
+            "model.num_layers=2",
+            f"serve.token={TOKEN}",
+            "serve.max_image_bytes=200000",
+            "serve.messages_per_s=5",
+            "serve.llm.max_new_tokens=24",
+            "serve.llm.temperature=0",
+        ],
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, overrides=SMALL), name="livetalk", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    yield url
+    serve.shutdown()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def open_session(url, **form) -> dict:
+    reply = httpx.post(url + "/v1/sessions", data={"portrait": "ada", **form}, headers=AUTH, timeout=120)
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+def ws_url(url, session) -> str:
+    return url.replace("http", "ws") + session["ws"] + f"?token={TOKEN}"
+
+
+def read(ws, *, blocks: int, timeout: float = 120) -> tuple[list, list]:
+    got_blocks, events, deadline = [], [], time.monotonic() + timeout
+    while len(got_blocks) < blocks:
+        message = ws.recv(timeout=max(deadline - time.monotonic(), 0.1))
+        if isinstance(message, bytes):
+            got_blocks.append(decode_block(message))
+        else:
+            events.append(json.loads(message))
+    return got_blocks, events
+
+
+def test_page_health_and_openapi(server):
+    assert httpx.get(server + "/healthz").json()["status"] == "ok"
+    assert "<canvas" in httpx.get(server + "/").text and "onBlock" in httpx.get(server + "/app.js").text
+    paths = httpx.get(server + "/openapi.json").json()["paths"]
+    assert {"/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/stream"} <= set(paths)
+
+
+def test_a_session_streams_blocks_and_speaks_what_it_is_told(server):
+    session = open_session(server)
+    with connect(ws_url(server, session)) as ws:
+        blocks, events = read(ws, blocks=2)
+        assert any(e["type"] == "first_frame" for e in events)
+        header, jpegs, pcm = blocks[0]
+        assert header["first_frame"] == 0 and len(jpegs) == 9
+        assert Image.open(io.BytesIO(jpegs[0])).size == (64, 64)
+        assert np.abs(pcm).max() == 0  # nobody has spoken yet: silence
+        ws.send(json.dumps({"type": "say", "text": "Hello there, nice to meet you."}))
+        spoken, deadline = False, time.monotonic() + 120
+        while not spoken and time.monotonic() < deadline:
+            blocks, events = read(ws, blocks=1)
+            spoken = np.abs(blocks[0][2]).max() > 0.05
+        assert spoken, "the speech never reached the stream"
+    status = httpx.get(server + f"/v1/sessions/{session['session_id']}", headers=AUTH).json()
+    assert status["blocks"] >= 3
+    assert httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH).json()["released"]
+    assert httpx.get(server + f"/v1/sessions/{session['session_id']}", headers=AUTH).status_code == 404
+
+
+def test_chat_turns_come_back_as_transcripts(server):
+    session = open_session(server, persona="a geography teacher")
+    with connect(ws_url(server, session)) as ws:
+        ws.send(json.dumps({"type": "chat", "text": "What is the capital of France?"}))
+        roles, deadline = set(), time.monotonic() + 240
+        while "assistant" not in roles and time.monotonic() < deadline:
+            message = ws.recv(timeout=240)
+            if isinstance(message, str) and json.loads(message)["type"] == "transcript":
+                roles.add(json.loads(message)["role"])
+        assert roles == {"user", "assistant"}
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def test_the_mjpeg_stream_serves_jpeg_frames(server):
+    session = open_session(server)
+    with httpx.stream("GET", server + session["stream"], headers=AUTH, timeout=60) as reply:
+        assert reply.headers["content-type"].startswith("multipart/x-mixed-replace")
+        data = b""
+        for chunk in reply.iter_bytes():
+            data += chunk
+            if data.count(b"\xff\xd9") >= 3:  # three JPEG end markers
+                break
+    assert data.startswith(b"--frame") and b"Content-Type: image/jpeg" in data
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def png(size=(64, 64)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, (120, 90, 60)).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "headers", "status", "words"),
+    [
+        ({"image": ("a.png", png(), "image/png")}, {}, {}, 401, "token"),
+        ({"image": ("a.png", png(), "image/png")}, {}, {"Authorization": "Bearer wrong"}, 401, "token"),
+        ({"image": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}, {}, AUTH, 413, "larger than"),
+        ({"image": ("notes.txt", b"just some text", "text/plain")}, {}, AUTH, 415, "cannot read"),
+        ({"image": ("tiny.png", png((4, 4)), "image/png")}, {}, AUTH, 400, "too small"),
+        (None, {"portrait": "nobody"}, AUTH, 400, "unknown portrait"),
+        (None, {}, AUTH, 400, "exactly one"),
+        ({"image": ("a.png", png(), "image/png")}, {"portrait": "ada"}, AUTH, 400, "exactly one"),
+    ],
+)
+def test_bad_session_requests_get_a_clear_4xx(server, files, data, headers, status, words):
+    reply = httpx.post(server + "/v1/sessions", files=files, data=data, headers=headers, timeout=60)
+    assert reply.status_code == status, reply.text
+    assert words in reply.json()["detail"]
+    assert httpx.get(server + "/healthz").status_code == 200
+
+
+def test_unknown_sessions_and_missing_tokens_are_refused(server):
+    assert httpx.get(server + "/v1/sessions/nope", headers=AUTH).status_code == 404
+    assert httpx.delete(server + "/v1/sessions/nope", headers=AUTH).status_code == 404
+    with (
+        pytest.raises(ConnectionClosed) as closed,
+        connect(server.replace("http", "ws") + f"/v1/sessions/nope/ws?token={TOKEN}") as ws,
+    ):
+        ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 4404
+    session = open_session(server)
+    with pytest.raises(ConnectionClosed) as closed, connect(server.replace("http", "ws") + session["ws"]) as ws:
+        ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 4401
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def test_bad_websocket_messages_get_error_events_and_the_session_goes_on(server):
+    session = open_session(server)
+    bad = [
+        "{not json",
+        json.dumps(["a", "list"]),
+        json.dumps({"type": "dance"}),
+        json.dumps({"type": "say", "text": ""}),
+        json.dumps({"type": "say", "text": "x" * 5000}),
+        json.dumps({"type": "audio_format", "encoding": "mp3", "sample_rate": 16000, "channels": 1}),
+    ]
+    with connect(ws_url(server, session)) as ws:
+        for message in bad:
+            ws.send(message)
+        ws.send(b"\x00\x01\x02")  # PCM before any audio_format
+        ws.send(json.dumps({"type": "audio_format", "encoding": "pcm_s16le", "sample_rate": 44100, "channels": 1}))
+        ws.send(b"\x00\x01" * 100)  # declared 44.1 kHz: refused
+        errors, deadline = [], time.monotonic() + 60
+        while len(errors) < len(bad) + 2 and time.monotonic() < deadline:
+            message = ws.recv(timeout=60)
+            if isinstance(message, str) and json.loads(message)["type"] == "error":
+                errors.append(json.loads(message)["message"])
+        assert len(errors) == len(bad) + 2, errors
+        assert "malformed JSON" in errors[0] and "unknown message type" in errors[2]
+        assert any("audio_format" in e for e in errors) and any("16000 Hz" in e for e in errors)
+        blocks, _ = read(ws, blocks=1)  # still streaming
+        assert blocks
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def test_a_killed_denoiser_replica_ends_each_session_clearly_and_the_server_stays_up(server):
+    sessions = [open_session(server) for _ in range(2)]
+    sockets = [connect(ws_url(server, s)) for s in sessions]
+    try:
+        for ws in sockets:
+            read(ws, blocks=1)
+        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Denoiser" in a["name"]]
+        assert replicas, ray.util.list_named_actors(all_namespaces=True)
+        for a in replicas:
+            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
+        for ws in sockets:  # each session is re-primed on the replacement replica, or ends with an error
+            outcome, deadline = None, time.monotonic() + 180
+            while outcome is None and time.monotonic() < deadline:
+                message = ws.recv(timeout=180)
+                if isinstance(message, str) and json.loads(message)["type"] in ("reprimed", "error"):
+                    outcome = json.loads(message)
+            assert outcome is not None
+            if outcome["type"] == "reprimed":
+                blocks, _ = read(ws, blocks=1, timeout=180)
+                assert blocks[0][0]["first_frame"] > 0  # frame numbering continues across the re-prime
+        assert httpx.get(server + "/healthz").status_code == 200
+    finally:
+        for ws, s in zip(sockets, sessions, strict=True):
+            ws.close()
+            httpx.delete(server + f"/v1/sessions/{s['session_id']}", headers=AUTH)
