@@ -306,6 +306,7 @@ class Ingress:
 
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def websocket(self, ws: WebSocket, session_id: str) -> None:
+        await ws.accept()  # then refuse with a close code a client can read (a refused handshake is a bare 403)
         try:
             self._auth(ws)
         except HTTPException as exc:
@@ -315,7 +316,6 @@ class Ingress:
         if live is None:
             await ws.close(code=4404, reason=f"unknown session {session_id}")
             return
-        await ws.accept()
         subscriber = live.driver.subscribe()
         sender = asyncio.create_task(_send_all(ws, subscriber))
         try:
