@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import socket
 import time
 
 import httpx
@@ -16,52 +15,8 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from livetalk_ray.config import load_config
 from livetalk_ray.serving.protocol import decode_block
-
-TOKEN = "test-token-123"
-SMALL = {
-    name: {"ray_actor_options": {"num_cpus": 0.2}} for name in ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster):
-    from ray import serve
-
-    from livetalk_ray.serving.app import build_app
-
-    port = free_port()
-    cfg = load_config(
-        "toy",
-        overrides=[
-            "model.num_layers=2",
-            f"serve.token={TOKEN}",
-            "serve.max_image_bytes=200000",
-            "serve.messages_per_s=5",
-            "serve.llm.max_new_tokens=24",
-            "serve.llm.temperature=0",
-        ],
-    )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg, overrides=SMALL), name="livetalk", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
-    yield url
-    serve.shutdown()
-
+from tests.serving.conftest import TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 

@@ -3,7 +3,7 @@
 // (the AudioContext's), so lips and voice stay in sync. See livetalk_ray/serving/protocol.py.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { ws: null, session: null, audio: null, base: null, frames: [], shown: [], gaps: [], lastBlock: null, picked: null, mic: null };
+const state = { ws: null, session: null, audio: null, base: null, frames: [], shown: [], gaps: [], lastBlock: null, picked: null, mic: null, blocks: 0, audioBlocks: 0, drawn: 0 };
 window.livetalk = state; // tests read the counters
 
 function log(text, cls) {
@@ -19,7 +19,9 @@ function authHeaders() {
 }
 
 async function loadPortraits() {
+  $("portraits").replaceChildren();
   const res = await fetch("/v1/portraits", { headers: authHeaders() });
+  if (res.status === 401) { log("this server needs a token: enter it above", "err"); return; }
   if (!res.ok) { log(`portraits: ${res.status} ${(await res.json()).detail}`, "err"); return; }
   for (const name of (await res.json()).portraits) {
     const img = new Image();
@@ -93,7 +95,9 @@ async function onBlock(buffer) {
     source.buffer = audio;
     source.connect(ctx.destination);
     source.start(state.base + at);
+    state.audioBlocks += 1;
   }
+  state.blocks += 1;
   const images = await Promise.all(bitmaps);
   images.forEach((image, i) => state.frames.push({ time: state.base + at + i / header.fps, image }));
 }
@@ -107,6 +111,7 @@ function draw() {
       const canvas = $("screen");
       canvas.getContext("2d").drawImage(latest.image, 0, 0, canvas.width, canvas.height);
       state.shown.push(performance.now());
+      state.drawn += 1;
     }
   }
   const now = performance.now();
@@ -157,5 +162,7 @@ $("say").onclick = () => send("say");
 $("mic").onclick = toggleMic;
 $("text").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send("chat"); } });
 $("upload").onchange = () => { state.picked = null; document.querySelectorAll("#portraits img").forEach((x) => x.classList.remove("picked")); };
+$("token").value = new URLSearchParams(location.search).get("token") || "";
+$("token").onchange = loadPortraits;
 loadPortraits();
 requestAnimationFrame(draw);
