@@ -359,6 +359,7 @@ class ServeConfig(_Section):
     session_idle_s: float = Field(default=300.0, gt=0)  # a session nobody reads or writes is released
     max_sessions: int = Field(default=32, ge=1)  # per ingress replica; more get 503
     lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
+    blocks_in_flight: int = Field(default=2, ge=1, le=2)  # 2: decode of block k overlaps denoise of k+1
     max_reprimes: int = Field(default=3, ge=0)  # a session re-primed more often (lost replicas) ends
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
@@ -454,7 +455,13 @@ PRESETS: dict[str, dict[str, Any]] = {
             "gpus_per_worker": 0.0,
             "checkpoint_every": 500,
             "plateau": {"window": 100},
-            "dmd": {"generator_lr": 2e-5, "critic_lr": 1e-4, "ema_start": 50},
+            "dmd": {
+                "generator_lr": 2e-5,
+                "critic_lr": 1e-4,
+                "ema_start": 50,
+                # the four roles share 2 cores (a GPU cluster gives each role its own GPUs)
+                "placement": {role: {"cpus": 0.5} for role in ("generator", "critic", "teacher", "rollout")},
+            },
         },
         "runtime": {"dtype": "float32"},
     },

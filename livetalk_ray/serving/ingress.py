@@ -241,7 +241,7 @@ class Ingress:
         self.sessions[session_id] = live
         live.driver.start()
         self._ensure_reaper()
-        base = f"/v1/sessions/{session_id}"
+        base = f"{request.scope.get('root_path', '')}/v1/sessions/{session_id}"  # behind a route prefix too
         return {
             "session_id": session_id,
             "fps": self.cfg.video.fps,

@@ -194,6 +194,9 @@ class SessionDriver:
                 if decoding is not None:
                     await self._publish_block(*decoding, fps)
                 decoding = (block, frames)
+                if self.cfg.serve.blocks_in_flight == 1:  # sequential: decode before the next denoise
+                    await self._publish_block(*decoding, fps)
+                    decoding = None
             if decoding is not None:
                 await self._publish_block(*decoding, fps)
         finally:  # let a running decode finish (its replica is busy with it anyway), its frames are dropped

@@ -57,10 +57,10 @@ def bundle(spec: RolePlacement) -> dict[str, float]:
     return out
 
 
-def start_roles(cfg: LiveTalkConfig, name: str, ready_timeout_s: float = 600.0) -> RoleActors:
+def start_roles(cfg: LiveTalkConfig, name: str) -> RoleActors:
     """Start every role actor, named `{name}:{role}:{index}` (operators and tests can find them)."""
     check_placement(cfg)
-    d = cfg.train.dmd
+    d, ready_timeout_s = cfg.train.dmd, cfg.train.dmd.role_timeout_s
     layout = [
         (
             "generator",
@@ -75,7 +75,9 @@ def start_roles(cfg: LiveTalkConfig, name: str, ready_timeout_s: float = 600.0) 
     ]
     bundles = [bundle(spec) for _, _, spec, _, count in layout for _ in range(count)]
     group = placement_group(bundles, strategy="PACK")
-    ray.get(group.ready(), timeout=ready_timeout_s)
+    if not group.wait(timeout_seconds=ready_timeout_s):
+        remove_placement_group(group)
+        raise PlacementError(_placement_report(bundles))
     cfg_json = cfg.model_dump(mode="json")
     actors: dict[str, list] = {}
     index = 0
@@ -100,6 +102,24 @@ def start_roles(cfg: LiveTalkConfig, name: str, ready_timeout_s: float = 600.0) 
 
 
 TRAINER_ROLES = ("generator", "critic")
+
+
+class PlacementError(RuntimeError):
+    """The roles' resources never became available: not retried (a restart would wait again)."""
+
+
+def _placement_report(bundles: list[dict[str, float]]) -> str:
+    demand: dict[str, float] = {}
+    for b in bundles:
+        for key, value in b.items():
+            demand[key] = demand.get(key, 0.0) + value
+    have = ray.cluster_resources()
+    short = ", ".join(f"{k} {v:g} (cluster: {have.get(k, 0):g})" for k, v in demand.items() if v > have.get(k, 0))
+    return (
+        f"the DMD roles' placement group was not ready in time; they need {demand}"
+        + (f"; more than the cluster has: {short}" if short else "; the cluster is busy")
+        + ". Lower train.dmd.placement.<role>.cpus/gpus/count, or add nodes."
+    )
 
 
 def check_placement(cfg: LiveTalkConfig) -> None:

@@ -122,3 +122,13 @@ def test_a_multi_rank_trainer_role_needs_deepspeed(dmd_checkpoints):
     cfg = dmd_cfg(*dmd_checkpoints, "train.engine.backend=torch", "train.dmd.placement.critic.count=2")
     with pytest.raises(ConfigError, match="placement.critic.count=2 needs train.engine.backend=deepspeed"):
         check_placement(cfg)
+
+
+def test_roles_that_do_not_fit_the_cluster_fail_fast_with_the_numbers(
+    ray_cluster, dmd_checkpoints, random_shards, tmp_path
+):
+    from livetalk_ray.train.dmd.placement import PlacementError
+
+    cfg = dmd_cfg(*dmd_checkpoints, "train.dmd.placement.critic.cpus=8", "train.dmd.role_timeout_s=3")
+    with pytest.raises(PlacementError, match=r"more than the cluster has: CPU 8\.75 \(cluster: 2\)"):
+        Controller(cfg, random_shards, tmp_path / "run", 4).run()

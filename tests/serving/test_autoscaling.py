@@ -1,0 +1,69 @@
+"""Autoscaling on session load: a Denoiser with min 1 / max 2 replicas scales up while unpaced sessions keep
+it busy and back down when they end. Its own app (route prefix /scale) beside the shared one."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+from ray import serve
+from websockets.sync.client import connect
+
+from livetalk_ray.config import load_config
+from livetalk_ray.serving.app import build_app
+
+
+def denoiser_replicas() -> int:
+    status = serve.status().applications["scale"].deployments["Denoiser"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
+    cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000"])  # unpaced: all load
+    tiny = {"ray_actor_options": {"num_cpus": 0.1}}
+    overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "Ingress")}
+    overrides["Denoiser"] = {
+        **tiny,
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 2,
+            "downscale_delay_s": 8,
+            "look_back_period_s": 4,
+        },
+    }
+    serve.run(build_app(cfg, overrides=overrides), name="scale", route_prefix="/scale", blocking=False)
+    base = server + "/scale"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and httpx.get(base + "/healthz").status_code != 200:
+            time.sleep(1)
+        assert denoiser_replicas() == 1
+        stop = threading.Event()
+
+        def session() -> None:
+            reply = httpx.post(base + "/v1/sessions", data={"portrait": "bo"}, timeout=120).json()
+            with connect(server.replace("http", "ws") + reply["ws"]) as ws:
+                while not stop.is_set():
+                    ws.recv(timeout=60)  # read everything: the driver never waits for us
+            httpx.delete(base + f"/v1/sessions/{reply['session_id']}")
+
+        threads = [threading.Thread(target=session, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline, peak = time.monotonic() + 180, 1
+        while time.monotonic() < deadline and peak < 2:
+            peak = max(peak, denoiser_replicas())
+            time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        assert peak == 2, "no scale-up under load"
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and denoiser_replicas() != 1:
+            time.sleep(1)
+        assert denoiser_replicas() == 1, "no scale-down after the sessions ended"
+    finally:
+        serve.delete("scale")
