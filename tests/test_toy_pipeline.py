@@ -8,7 +8,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from livetalk_ray.assets import install_toy_weights
+from livetalk_ray.assets import install_from_pipeline
 from livetalk_ray.cli import app
 from livetalk_ray.toy_pipeline import STAGES
 
@@ -55,7 +55,7 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
 
     # The run installs as shipped weights: student + VAE + a manifest whose hashes match the files.
     dest = tmp_path / "assets" / "toy"
-    manifest = install_toy_weights(tmp_path / "p", dest)
+    manifest = install_from_pipeline(tmp_path / "p", dest)
     assert {"model.safetensors", "config.yaml", "vae/config.json"} <= set(manifest["sha256"])
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest, name
@@ -66,4 +66,4 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
 def test_installing_an_unfinished_run_is_refused(tmp_path):
     (tmp_path / "stages").mkdir()
     with pytest.raises(FileNotFoundError, match="stages not done: vae_decoder, export, eval"):
-        install_toy_weights(tmp_path, tmp_path / "dest")
+        install_from_pipeline(tmp_path, tmp_path / "dest")

@@ -40,17 +40,16 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def install_toy_weights(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
-    """Copy a finished `livetalk pipeline` run's student and VAE into `dest` with a manifest."""
+def install_toy_weights(
+    student: str | Path, vae: str | Path, eval_rows: list[dict], provenance: dict, dest: Path = TOY_DIR
+) -> dict:
+    """Copy a student export and its VAE into `dest` with a manifest (provenance, eval table, sha256)."""
     import yaml
 
-    run = Path(pipeline_dir)
-    stages = run / "stages"
-    missing = [s for s in ("vae_decoder", "export", "eval") if not (stages / f"{s}.json").is_file()]
-    if missing:
-        raise FileNotFoundError(f"{run} is not a finished pipeline run (stages not done: {', '.join(missing)})")
-    student = Path(json.loads((stages / "export.json").read_text())["checkpoint"])
-    vae = Path(json.loads((stages / "vae_decoder.json").read_text())["vae_path"])
+    student, vae = Path(student), Path(vae)
+    for path in (student / "model.safetensors", student / "config.yaml", vae / "config.json"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
     staging = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -61,15 +60,32 @@ def install_toy_weights(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
     shutil.copytree(vae, staging / "vae")
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {
-        "built_by": "livetalk pipeline --preset toy",
-        "stages": {s: json.loads((stages / f"{s}.json").read_text()).get("seconds") for s in _stage_names(stages)},
-        "eval": json.loads((stages / "eval.json").read_text())["rows"],
+        **provenance,
+        "eval": eval_rows,
         "sha256": {str(p.relative_to(staging)): _sha256(p) for p in files},
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
     return manifest
+
+
+def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
+    """Install a finished `livetalk pipeline` run's student and VAE."""
+    stages = Path(pipeline_dir) / "stages"
+    missing = [s for s in ("vae_decoder", "export", "eval") if not (stages / f"{s}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{pipeline_dir} is not a finished pipeline run (stages not done: {', '.join(missing)})"
+        )
+    mark = {s: json.loads((stages / f"{s}.json").read_text()) for s in _stage_names(stages)}
+    provenance = {
+        "built_by": "livetalk pipeline --preset toy",
+        "stage_seconds": {s: m.get("seconds") for s, m in mark.items()},
+    }
+    return install_toy_weights(
+        mark["export"]["checkpoint"], mark["vae_decoder"]["vae_path"], mark["eval"]["rows"], provenance, dest
+    )
 
 
 def _stage_names(stages: Path) -> list[str]:

@@ -7,7 +7,8 @@ Per model, on held-out conditions from prepared shards (same noise for every mod
   held-out ground truth decoded by the same VAE;
 - `identity_drift_sinks` / `identity_drift_nosinks` (students): a `seconds`-long stream from one held-out
   reference and looped held-out speech, with the configured anchor sinks and with none; the identity
-  descriptor of the last 3 s against that of the first 3 s. The teacher does not stream: null;
+  descriptor of the last 3 s against that of the first 3 s. The teacher does not stream: null. When the
+  last 3 s hold no recognisable face, the drift is null and `face_lost_sinks` / `face_lost_nosinks` true;
 - `fps`, `ttff_s`: one stream's steady frames per second (denoise + decode) and the time to its first
   frames; for the teacher, one clip's frames over the time to sample and decode it, which is also when
   its first frame exists. `denoise_fps` / `denoise_ttff_s` count the DiT's work alone (the part the
@@ -149,7 +150,9 @@ def evaluate(
                 )
                 if label == "sinks":
                     row.update(timing, **frame_health(stream, truth_std))
-            row["identity_drift_sinks"], row["identity_drift_nosinks"] = drift["sinks"], drift["nosinks"]
+            for label, value in drift.items():  # a face no longer found: null drift and a flag (JSON has no inf)
+                row[f"identity_drift_{label}"] = value if np.isfinite(value) else None
+                row[f"face_lost_{label}"] = not np.isfinite(value)
         else:
             one = {k: v[:1] for k, v in batch.items()}
             frames_one, denoise_s, total_s = _sample(reporter, cand, cfg, one)
@@ -199,10 +202,17 @@ def markdown(rows: list[dict]) -> str:
     ]
 
     def fmt(v) -> str:
+        if v == "face lost":
+            return v
         if isinstance(v, list):
             return ", ".join(v) or "none"
         return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+
+    def cell(row: dict, col: str):
+        label = col.removeprefix("identity_drift_")
+        return "face lost" if col != label and row.get(f"face_lost_{label}") else row.get(col)
+
+    lines += ["| " + " | ".join(fmt(cell(r, c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)

@@ -28,9 +28,10 @@ def test_other_models_and_named_checkpoints_are_left_alone(tmp_path):
 
 
 @needs_weights
-def test_the_shipped_weights_animate_a_held_out_face_in_sync_with_speech(tmp_path):
-    """A fresh toy identity and sentence (not in the pipeline's seeds): the stream keeps a face that moves,
-    and its mouth follows the speech (the toy world's lip-sync score)."""
+def test_the_shipped_weights_animate_held_out_faces_in_sync_with_speech(tmp_path):
+    """Fresh toy identities and sentences (not the pipeline's seeds): every stream keeps a face that moves, and
+    on average its mouth follows the speech (the toy world's lip-sync score; one clip alone is noisy, 0.25 to
+    0.6, the ground truth scores 1.0, the shipped run's 8-clip held-out eval 0.55)."""
     from livetalk_ray.diffusion.pipeline import AvatarPipeline
     from livetalk_ray.eval.table import frame_health
     from livetalk_ray.models.image import load_reference_image
@@ -38,17 +39,20 @@ def test_the_shipped_weights_animate_a_held_out_face_in_sync_with_speech(tmp_pat
     from livetalk_ray.toyworld.measure import lip_sync_score
 
     cfg, checkpoint = with_embedded_weights(load_config("toy"), None)
-    info = write_clip(tmp_path, "held_out", seed=987_654, seconds=4.0, fps=cfg.video.fps)
-    truth, speech, _ = read_clip(tmp_path / "held_out.mp4", cfg.audio.sample_rate)
-    ref = load_reference_image(tmp_path / "held_out.png", cfg.video.height, cfg.video.width)
-    stream = AvatarPipeline(cfg, checkpoint).open_stream(ref, info.caption_text, seed=0)
-    stream.push_audio(speech)
-    stream.finish_audio()
-    frames = []
-    while sum(len(f) for f in frames) < len(truth):
-        frames.append(stream.next_block().frames)
-    video = np.concatenate(frames)[: len(truth)]
-    truth_std = float(truth.astype(np.float32).std(axis=(1, 2, 3)).mean())
-    assert frame_health(video, truth_std)["collapse"] == []
-    score = lip_sync_score(video, speech, cfg.video.fps).score
-    assert score > 0.3, score
+    pipe = AvatarPipeline(cfg, checkpoint)
+    scores = []
+    for seed in (1234, 55555, 777):
+        info = write_clip(tmp_path, f"c{seed}", seed=seed, seconds=6.0, fps=cfg.video.fps)
+        truth, speech, _ = read_clip(info.video, cfg.audio.sample_rate)
+        ref = load_reference_image(info.ref_image, cfg.video.height, cfg.video.width)
+        stream = pipe.open_stream(ref, info.caption_text, seed=0)
+        stream.push_audio(speech)
+        stream.finish_audio()
+        frames = []
+        while sum(len(f) for f in frames) < len(truth):
+            frames.append(stream.next_block().frames)
+        video = np.concatenate(frames)[: len(truth)]
+        truth_std = float(truth.astype(np.float32).std(axis=(1, 2, 3)).mean())
+        assert frame_health(video, truth_std)["collapse"] == [], seed
+        scores.append(lip_sync_score(video, speech, cfg.video.fps).score)
+    assert np.mean(scores) > 0.3, scores
