@@ -1,4 +1,5 @@
-"""One real Serve app for the serving tests that need it (session scope: starting it loads every model)."""
+"""One real Serve app for the serving tests (package scope: starting it loads every model once, and it is
+shut down before the Ray tests of other packages need the CPUs it reserves)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(ray_cluster):
     from ray import serve
 
