@@ -56,6 +56,7 @@ def install_toy_weights(
     shutil.copy2(student / "model.safetensors", staging / "model.safetensors")
     config = yaml.safe_load((student / "config.yaml").read_text())
     config["vae"]["path"] = None  # filled in at load time with the VAE beside it (with_embedded_weights)
+    _drop_paths(config)  # the building machine's run directories mean nothing where the weights land
     (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     shutil.copytree(vae, staging / "vae")
     files = sorted(p for p in staging.rglob("*") if p.is_file())
@@ -91,3 +92,14 @@ def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dic
 def _stage_names(stages: Path) -> list[str]:
     """Finished stages in the order they finished."""
     return [p.stem for p in sorted(stages.glob("*.json"), key=lambda p: p.stat().st_mtime)]
+
+
+def _drop_paths(config: dict) -> None:
+    train = config.get("train", {})
+    for section, key in (("dmd", "generator_checkpoint"), ("dmd", "teacher_checkpoint"), ("ode", "teacher_checkpoint")):
+        if key in train.get(section, {}):
+            train[section][key] = None
+    if "init_checkpoint" in train.get("teacher", {}):
+        train["teacher"]["init_checkpoint"] = None
+    if "eval_data" in train:
+        train["eval_data"] = None
