@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +27,35 @@ class SessionLost(KeyError):
         return str(self.args[0]) if self.args else "session lost"
 
 
-@dataclass
-class _Session:
-    stream: AvatarStream
-    last_used: float
+class SessionTable:
+    """A replica's sessions, each stamped when last used; the idle ones are reaped."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+        self._items: dict[str, list] = {}  # session id → [value, last used]
+
+    def put(self, session_id: str, value) -> None:
+        self._items[session_id] = [value, time.monotonic()]
+
+    def get(self, session_id: str):
+        item = self._items.get(session_id)
+        if item is None:
+            raise SessionLost(f"session {session_id} is not held by this {self.holder} replica")
+        item[1] = time.monotonic()
+        return item[0]
+
+    def close(self, session_id: str) -> bool:
+        return self._items.pop(session_id, None) is not None
+
+    def reap(self, idle_s: float) -> list[str]:
+        now = time.monotonic()
+        idle = [sid for sid, (_, used) in self._items.items() if now - used > idle_s]
+        for sid in idle:
+            del self._items[sid]
+        return idle
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class DenoiserCore:
@@ -40,44 +64,30 @@ class DenoiserCore:
     def __init__(self, cfg: LiveTalkConfig, checkpoint: str | Path | None) -> None:
         self.cfg = cfg
         self.pipe = AvatarPipeline(cfg, checkpoint)
-        self.sessions: dict[str, _Session] = {}
+        self.sessions = SessionTable("denoiser")
 
     def open(self, session_id: str, image: np.ndarray, prompt: str, seed: int) -> int:
         """Prime a session's cache from its reference image ([H, W, 3] uint8 at the video size); returns the
         audio samples block 0 wants pushed (its frames plus the feature window's lookahead)."""
         ref = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
         stream = self.pipe.open_stream(ref.to(self.pipe.device), prompt, seed=seed)
-        self.sessions[session_id] = _Session(stream, time.monotonic())
+        self.sessions.put(session_id, stream)
         return stream.audio.samples_needed_for_block(0)
 
-    def _get(self, session_id: str) -> _Session:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise SessionLost(f"session {session_id} is not held by this denoiser replica")
-        session.last_used = time.monotonic()
-        return session
-
     def set_prompt(self, session_id: str, prompt: str) -> None:
-        self._get(session_id).stream.set_prompt(prompt)
+        self.sessions.get(session_id).set_prompt(prompt)
 
     def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
         """Push the caller's audio (speech or silence), denoise the next block; returns it and the total
         samples the block after it wants (one call per block: the relay sends exactly the difference)."""
-        stream = self._get(session_id).stream
+        stream: AvatarStream = self.sessions.get(session_id)
         stream.push_audio(np.asarray(samples, dtype=np.float32))
         block = stream.next_latents()
         block.latents = block.latents.cpu()
         return block, stream.audio.samples_needed_for_block(block.index + 1)
 
     def close(self, session_id: str) -> bool:
-        return self.sessions.pop(session_id, None) is not None
-
-    def reap(self, idle_s: float) -> list[str]:
-        now = time.monotonic()
-        idle = [sid for sid, s in self.sessions.items() if now - s.last_used > idle_s]
-        for sid in idle:
-            del self.sessions[sid]
-        return idle
+        return self.sessions.close(session_id)
 
 
 class Denoiser:
@@ -93,7 +103,7 @@ class Denoiser:
     async def _run(self, fn, *args):
         if self.lock is None:  # made on the replica's event loop, which __init__ may not run on
             self.lock = asyncio.Lock()
-            self.reaper = asyncio.create_task(reap_forever(self.core, self.cfg.serve.session_idle_s))
+            self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
         async with self.lock:
             return await asyncio.to_thread(fn, *args)
 
@@ -113,8 +123,8 @@ class Denoiser:
         return len(self.core.sessions)
 
 
-async def reap_forever(core, idle_s: float) -> None:
+async def reap_forever(sessions: SessionTable, idle_s: float) -> None:
     """Release sessions nobody has touched for `idle_s` (a client that vanished without DELETE)."""
     while True:
         await asyncio.sleep(min(idle_s, 30.0))
-        core.reap(idle_s)
+        sessions.reap(idle_s)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,7 +17,7 @@ from PIL import Image
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import WanVAE
-from livetalk_ray.serving.denoiser import SessionLost, reap_forever
+from livetalk_ray.serving.denoiser import SessionTable, reap_forever
 
 
 def jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -28,39 +26,23 @@ def jpeg(frame: np.ndarray, quality: int) -> bytes:
     return out.getvalue()
 
 
-@dataclass
-class _Session:
-    decoder: object  # VAEDecodeStream
-    last_used: float
-
-
 class DecoderCore:
     def __init__(self, cfg: LiveTalkConfig) -> None:
         self.cfg = cfg
         device = resolve_device(cfg.runtime)
         self.vae = WanVAE(cfg.vae, device=device, dtype=resolve_dtype(cfg.runtime, device), seed=TOY_INIT_SEED)
-        self.sessions: dict[str, _Session] = {}
+        self.sessions = SessionTable("decoder")
 
     def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
         """Frames of one block as JPEG bytes; block 0 (re)starts the session's decoder state."""
         if block_index == 0:
-            self.sessions[session_id] = _Session(self.vae.stream(), time.monotonic())
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise SessionLost(f"session {session_id} is not held by this decoder replica")
-        session.last_used = time.monotonic()
-        frames = tensor_to_uint8(session.decoder.decode_block(latents.to(self.vae.device))[0])
+            self.sessions.put(session_id, self.vae.stream())
+        decoder = self.sessions.get(session_id)
+        frames = tensor_to_uint8(decoder.decode_block(latents.to(self.vae.device))[0])
         return [jpeg(f, self.cfg.serve.jpeg_quality) for f in frames]
 
     def close(self, session_id: str) -> bool:
-        return self.sessions.pop(session_id, None) is not None
-
-    def reap(self, idle_s: float) -> list[str]:
-        now = time.monotonic()
-        idle = [sid for sid, s in self.sessions.items() if now - s.last_used > idle_s]
-        for sid in idle:
-            del self.sessions[sid]
-        return idle
+        return self.sessions.close(session_id)
 
 
 class VAEDecoder:
@@ -75,7 +57,7 @@ class VAEDecoder:
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
         if self.lock is None:
             self.lock = asyncio.Lock()
-            self.reaper = asyncio.create_task(reap_forever(self.core, self.cfg.serve.session_idle_s))
+            self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
         async with self.lock:
             return await asyncio.to_thread(self.core.decode, session_id, block_index, latents)
 

@@ -64,7 +64,7 @@ def test_blocks_arrive_in_order_with_audio_under_their_frames(stages):
         assert Image.open(io.BytesIO(jpegs[0])).size == (64, 64)
         assert len(pcm) == len(jpegs) * 16000 // 16  # exactly the audio under these frames
         expected_first += len(jpegs)
-    assert stages[0].core.sessions == {} and stages[1].core.sessions == {}  # released on close
+    assert len(stages[0].core.sessions) == len(stages[1].core.sessions) == 0  # released on close
 
 
 def test_queued_speech_plays_in_the_next_blocks(stages):
