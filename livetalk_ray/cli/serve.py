@@ -76,9 +76,9 @@ def serve_command(
     if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
         raise ConfigError(f"--checkpoint {checkpoint} has no model.safetensors")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     with ray_session(address):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
+            signal.signal(sig, lambda *_: stop.set())
         try:
             serve.start(http_options={"host": s.host, "port": s.port})
             serve.run(build_app(cfg, checkpoint), name=APP_NAME, route_prefix="/", blocking=False)
