@@ -52,6 +52,8 @@ def in_process(cfg, blocks: int) -> dict:
 def one_session(base: str, blocks: int, results: list, index: int) -> None:
     from websockets.sync.client import connect
 
+    from livetalk_ray.serving.protocol import decode_block
+
     t0 = time.perf_counter()
     reply = httpx.post(base + "/v1/sessions", data={"portrait": "ada"}, timeout=300).json()
     arrivals, frames = [], []
@@ -59,8 +61,6 @@ def one_session(base: str, blocks: int, results: list, index: int) -> None:
         while len(arrivals) < blocks:
             message = ws.recv(timeout=300)
             if isinstance(message, bytes):
-                from livetalk_ray.serving.protocol import decode_block
-
                 arrivals.append(time.perf_counter())
                 frames.append(len(decode_block(message)[1]))
     httpx.delete(base + f"/v1/sessions/{reply['session_id']}", timeout=60)

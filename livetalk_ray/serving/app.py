@@ -8,6 +8,7 @@ deployment for real clusters (Ray's own deployment options, by deployment name).
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,6 @@ class SpeechSynth:
         self.speech = Speech(config.serve.speech, config.audio.sample_rate)
 
     async def synthesize(self, text: str) -> np.ndarray:
-        import asyncio
-
         return await asyncio.to_thread(self.speech.synthesize, text)
 
 
