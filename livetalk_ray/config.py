@@ -361,6 +361,8 @@ class ServeConfig(_Section):
     lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
     blocks_in_flight: int = Field(default=2, ge=1, le=2)  # 2: decode of block k overlaps denoise of k+1
     max_reprimes: int = Field(default=3, ge=0)  # a session re-primed more often (lost replicas) ends
+    # Sessions a Denoiser or VAEDecoder replica computes in one batch (cross-session batching); 1 = off.
+    batch_sessions: int = Field(default=8, ge=1)
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=64)

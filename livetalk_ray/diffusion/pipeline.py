@@ -33,7 +33,7 @@ class LatentBlock:
     num_frames: int  # video frames these latents decode to
     latents: torch.Tensor  # [1, C, fpb, h, w]
     audio: np.ndarray  # float32 16 kHz samples under exactly these frames
-    timings: dict[str, float]  # seconds: audio, denoise, refill
+    timings: dict[str, float]  # seconds: audio, denoise, refill; batch: streams denoised together
 
 
 def frames_in_block(index: int, cfg: LiveTalkConfig) -> int:
@@ -115,16 +115,15 @@ class AvatarStream:
 
     def next_latents(self) -> LatentBlock:
         """Denoise the next block (its audio window must have arrived, see `ready`)."""
-        k = self.state.block_index
-        t0 = time.perf_counter()
-        audio = self._block_audio(k) if self.pipe.cfg.model.use_audio else None
-        t1 = time.perf_counter()
-        latents = self.pipe.sampler.next_block(self.state, audio)
+        return next_latents_many([self])[0]
+
+    def _finish_block(self, latents: torch.Tensor, timings: dict[str, float]) -> LatentBlock:
+        k = self.state.block_index - 1
         first, count = self.frames_out, frames_in_block(k, self.pipe.cfg)
         self.frames_out += count
         samples = self._audio_samples(first, self.frames_out)
         self.audio.forget_before(self.frames_out)  # bounded memory on endless streams
-        return LatentBlock(k, first, count, latents, samples, {"audio": t1 - t0, **self.state.timings})
+        return LatentBlock(k, first, count, latents, samples, {**timings, **self.state.timings})
 
     def next_block(self) -> BlockOutput:
         """Denoise and decode the next block in this process."""
@@ -142,3 +141,17 @@ class AvatarStream:
     def _audio_samples(self, f0: int, f1: int) -> np.ndarray:
         """The pushed audio under video frames [f0, f1) (silence past the end), for muxing."""
         return self.audio.samples_between(self.audio.sample_index(f0), self.audio.sample_index(f1))
+
+
+def next_latents_many(streams: list[AvatarStream]) -> list[LatentBlock]:
+    """Denoise the next block of several streams of one pipeline in one batch (cross-session batching);
+    each stream's block is the one it would get alone, up to float reassociation."""
+    pipe = streams[0].pipe
+    if any(s.pipe is not pipe for s in streams):
+        raise ValueError("streams of different pipelines cannot share a batch")
+    t0 = time.perf_counter()
+    audios = [s._block_audio(s.state.block_index) for s in streams] if pipe.cfg.model.use_audio else None
+    audio_s = time.perf_counter() - t0
+    latents = pipe.sampler.next_blocks([s.state for s in streams], audios)
+    timings = {"audio": audio_s, "batch": float(len(streams))}
+    return [s._finish_block(x, timings) for s, x in zip(streams, latents, strict=True)]

@@ -133,37 +133,68 @@ class StreamingSampler:
         `exit_step` ends the block after that denoising step and returns its x0 (Self-Forcing's training
         rollout); with `grad` that one forward keeps its graph, every other pass runs without. Per-phase
         seconds of this block go to `state.timings` (denoise, refill)."""
-        ref, fpb = state.ref_latent, self.fpb
-        start = state.block_index * fpb
+        return self.next_blocks([state], None if audio is None else [audio], exit_step, grad)[0]
+
+    def next_blocks(
+        self,
+        states: list[StreamState],
+        audios: list[torch.Tensor] | None,
+        exit_step: int | None = None,
+        grad: bool = False,
+    ) -> list[torch.Tensor]:
+        """`next_block` for several streams in one batch (cross-session batching). Each stream draws its
+        noise from its own generator and may be at any block, so a stream's blocks do not depend on which
+        others share its batches (up to float reassociation in the batched kernels)."""
+        refs = [s.ref_latent for s in states]
+        starts = [s.block_index * self.fpb for s in states]
+        fpb, sizes = self.fpb, [r.shape[0] for r in refs]
+        device, dtype = refs[0].device, refs[0].dtype
+        ref = torch.cat(refs)
+        first_block = torch.tensor(
+            [st == 0 for st, b in zip(starts, sizes, strict=True) for _ in range(b)], device=device
+        )
+        y = torch.cat([reference_condition(r, fpb, st) for r, st in zip(refs, starts, strict=True)])
+        audio = None if audios is None else torch.cat(audios)
+        texts, caches = [s.text for s in states], [s.cache for s in states]
         B, C, _, h, w = ref.shape
-        y = reference_condition(ref, fpb, start)
-        noise_shape = (B, C, fpb, h, w)
+
+        def noise() -> torch.Tensor:
+            shapes = [(b, C, fpb, h, w) for b in sizes]
+            return torch.cat(
+                [
+                    torch.randn(sh, generator=s.generator, device=device, dtype=dtype)
+                    for sh, s in zip(shapes, states, strict=True)
+                ]
+            )
+
         last = len(self.timesteps) - 1 if exit_step is None else exit_step
-        x = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
+        x = noise()
         t0 = self._sync()
         for i, t in enumerate(self.timesteps[: last + 1]):
-            if start == 0:
-                x[:, :, :1] = ref
-            tt = torch.full((B, fpb), t, device=ref.device)
+            if first_block.any():
+                x[first_block, :, :1] = ref[first_block]
+            tt = torch.full((B, fpb), t, device=device)
             with torch.set_grad_enabled(grad and i == last):
-                v = self.model.forward_cached(x, tt, state.text, y, state.cache, start, audio)
+                v = self.model.forward_cached_many(x, tt, texts, y, caches, starts, audio)
                 x0 = self.schedule.x0_from_v(x, v, t / self.schedule.num_train_timesteps)
             if i < last:
-                eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
-                x = self.schedule.add_noise(x0, eps, self.timesteps[i + 1] / self.schedule.num_train_timesteps)
-        if start == 0:
-            x0 = torch.cat([ref.expand(B, -1, -1, -1, -1).to(x0.dtype), x0[:, :, 1:]], dim=2)
+                x = self.schedule.add_noise(x0, noise(), self.timesteps[i + 1] / self.schedule.num_train_timesteps)
+        if first_block.any():  # the known reference frame, kept out of the graph
+            keep = (
+                first_block[:, None, None, None, None]
+                & (torch.arange(fpb, device=device) == 0)[None, None, :, None, None]
+            )
+            x0 = torch.where(keep, ref.to(x0.dtype).expand_as(x0), x0)
         t1 = self._sync()
         with torch.no_grad():
             context_t = self.cfg.cache.context_noise
             clean = x0.detach()
             if context_t > 0:
-                eps = torch.randn(noise_shape, generator=state.generator, device=ref.device, dtype=ref.dtype)
-                clean = self.schedule.add_noise(clean, eps, context_t / self.schedule.num_train_timesteps)
-            self.model.forward_cached(
-                clean, torch.full((B, fpb), context_t, device=ref.device), state.text, y, state.cache, start, audio
-            )
+                clean = self.schedule.add_noise(clean, noise(), context_t / self.schedule.num_train_timesteps)
+            refill_t = torch.full((B, fpb), context_t, device=device)
+            self.model.forward_cached_many(clean, refill_t, texts, y, caches, starts, audio)
         t2 = self._sync()
-        state.timings = {"denoise": t1 - t0, "refill": t2 - t1}
-        state.block_index += 1
-        return x0
+        for state in states:
+            state.timings = {"denoise": t1 - t0, "refill": t2 - t1}
+            state.block_index += 1
+        return list(x0.split(sizes))

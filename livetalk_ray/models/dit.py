@@ -14,7 +14,7 @@ The output is the flow prediction v = noise - x0.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +65,9 @@ def rope_table(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int,
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] (Wan's complex-pair layout)."""
-    cos, sin = rope[0][None, :, None], rope[1][None, :, None]
+    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] (Wan's complex-pair layout); the
+    rotations are shared [S, head_dim/2] or per row [B, S, head_dim/2]."""
+    cos, sin = (r[None, :, None] if r.dim() == 2 else r[:, :, None] for r in rope)
     pairs = x.float().unflatten(-1, (-1, 2))
     re, im = pairs[..., 0], pairs[..., 1]
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
@@ -91,6 +92,16 @@ def group_audio_frames(features: torch.Tensor, frames_per_latent: int = 4) -> to
     return padded.unflatten(1, (-1, frames_per_latent))
 
 
+def _rows(per_stream: list[tuple[torch.Tensor, ...]], item: int, rows: list[slice], length: int) -> torch.Tensor:
+    """Stack item `item` [N_i, D] of each stream once per batch row it owns, zero-padded to `length` rows."""
+    parts = []
+    for tensors, owned in zip(per_stream, rows, strict=True):
+        t = tensors[item]
+        t = F.pad(t, (0, 0, 0, max(length - t.shape[0], 0)))
+        parts.append(t[None].expand(owned.stop - owned.start, -1, -1))
+    return torch.cat(parts)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -100,6 +111,38 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+@dataclass
+class CachedWindow:
+    """What the cached forward of a batch of streams hands every layer: each stream's cache and view, the
+    batch rows it owns, and the rotations and padding mask of the window its queries read.
+
+    Streams may sit at different points (block index, window fill): windows shorter than the longest are
+    zero-padded and masked, so one batch serves any mix of sessions."""
+
+    caches: list[KVCache]
+    views: list[CacheView]
+    rows: list[slice]
+    k_rope: Rope  # [B, N, head_dim/2]: N = the longest window
+    mask: torch.Tensor | None  # [B, 1, 1, N + S] True where a key exists; None when no row is padded
+
+    def exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this block's un-rotated keys/values into each stream's slots; return the cached window
+        [B, N, heads, head_dim] of every row."""
+        pasts_k, pasts_v = [], []
+        n = self.k_rope[0].shape[-2]  # the longest window, in tokens
+        for cache, view, rows in zip(self.caches, self.views, self.rows, strict=True):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]
+            end = view.write_start + k.shape[1]
+            k_cache[:, view.write_start : end] = k[rows].detach().to(k_cache.dtype)
+            v_cache[:, view.write_start : end] = v[rows].detach().to(v_cache.dtype)
+            pad = (0, 0, 0, 0, 0, n - len(view.read_tokens))
+            pasts_k.append(F.pad(k_cache[:, view.read_tokens], pad))
+            pasts_v.append(F.pad(v_cache[:, view.read_tokens], pad))
+        if len(pasts_k) == 1:
+            return pasts_k[0].to(k.dtype), pasts_v[0].to(v.dtype)
+        return torch.cat(pasts_k).to(k.dtype), torch.cat(pasts_v).to(v.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -114,7 +157,7 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         q_rope: Rope,
         mask: torch.Tensor | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor, CacheView, torch.Tensor] | None = None,
+        cache: tuple[CachedWindow, int] | None = None,
     ) -> torch.Tensor:
         heads = (self.num_heads, self.head_dim)
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
@@ -122,13 +165,11 @@ class SelfAttention(nn.Module):
         v = self.v(x).unflatten(-1, heads)
         if cache is not None:
             # Un-rotated keys go into this block's slots; RoPE is applied at read time from positions.
-            k_cache, v_cache, view, k_rope = cache
-            end = view.write_start + x.shape[1]
-            k_cache[:, view.write_start : end] = k.detach().to(k_cache.dtype)
-            v_cache[:, view.write_start : end] = v.detach().to(v_cache.dtype)
-            past_k = apply_rope(k_cache[:, view.read_tokens].to(q.dtype), k_rope)
-            k = torch.cat([past_k, apply_rope(k, q_rope)], dim=1)
-            v = torch.cat([v_cache[:, view.read_tokens].to(q.dtype), v], dim=1)
+            window, layer = cache
+            past_k, past_v = window.exchange(layer, k, v)
+            k = torch.cat([apply_rope(past_k, window.k_rope), apply_rope(k, q_rope)], dim=1)
+            v = torch.cat([past_v, v], dim=1)
+            mask = window.mask
         else:
             k = apply_rope(k, q_rope)
         q = apply_rope(q, q_rope)
@@ -274,13 +315,12 @@ class WanDiT(nn.Module):
         return tokens, t_emb, t_mod, audio_per_layer, (f, h, w)
 
     def _run_blocks(
-        self, tokens, t_mod, text_kvs, audio_per_layer, q_rope, mask=None, cache=None, view=None, k_rope=None
+        self, tokens, t_mod, text_kvs, audio_per_layer, q_rope, mask=None, window: CachedWindow | None = None
     ):
         for i, block in enumerate(self.blocks):
             if audio_per_layer is not None and 2 <= i <= len(self.blocks) // 2:
                 tokens = tokens + audio_per_layer[i - 2]
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], view, k_rope)
-            tokens = block(tokens, t_mod, text_kvs[i], q_rope, mask, layer_cache)
+            tokens = block(tokens, t_mod, text_kvs[i], q_rope, mask, None if window is None else (window, i))
         return tokens
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -310,19 +350,57 @@ class WanDiT(nn.Module):
         """One block through the KV cache: its keys/values are written, then it attends to the window.
 
         Text K/V are computed on the first call and reused until `cache.reset_text()`."""
+        return self.forward_cached_many(x, t, [context], y, [cache], [frame_start], audio)
+
+    def forward_cached_many(
+        self, x, t, contexts: list, y, caches: list[KVCache], frame_starts: list[int], audio=None
+    ) -> torch.Tensor:
+        """One block of several streams in one batch (cross-session batching): stream i owns the next
+        `caches[i]`-batch rows of x, its own prompt `contexts[i]` and its block at `frame_starts[i]`.
+
+        The same as `forward_cached` per stream, up to float reassociation in the batched kernels."""
         if not self.causal:
             raise ValueError("the cached forward needs a block-causal model (causal=True)")
         tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
         f, h, w = grid
-        if cache.cross[0] is None:
-            cache.cross = self.text_kvs(context)
-        view = cache.prepare(frame_start, f)
-        view = replace(view, read_tokens=view.read_tokens.to(x.device))
         head_dim = self.cfg.dim // self.cfg.num_heads
-        q_rope = rope_table(head_dim, self.cfg.rope_theta, view.query_positions, h, w, x.device)
-        k_rope = rope_table(head_dim, self.cfg.rope_theta, view.read_positions, h, w, x.device)
-        tokens = self._run_blocks(tokens, t_mod, cache.cross, audio_per_layer, q_rope, None, cache, view, k_rope)
+        rows, views, q_ropes, k_ropes, start = [], [], [], [], 0
+        for context, cache, frame_start in zip(contexts, caches, frame_starts, strict=True):
+            if cache.cross[0] is None:
+                cache.cross = self.text_kvs(context)
+            view = cache.prepare(frame_start, f)
+            views.append(replace(view, read_tokens=view.read_tokens.to(x.device)))
+            b = cache.k[0].shape[0]
+            rows.append(slice(start, start + b))
+            start += b
+            q_ropes.append(rope_table(head_dim, self.cfg.rope_theta, view.query_positions, h, w, x.device))
+            k_ropes.append(rope_table(head_dim, self.cfg.rope_theta, view.read_positions, h, w, x.device))
+        if start != x.shape[0]:
+            raise ValueError(f"the caches hold {start} rows but the batch has {x.shape[0]}")
+        text_kvs, mask = self._merge_text(caches), None
+        if len(caches) == 1:
+            q_rope, k_rope = q_ropes[0], k_ropes[0]
+        else:  # per-row rotations; shorter windows are zero-padded at the end and masked out
+            n = max(len(r[0]) for r in k_ropes)
+            q_rope = (_rows(q_ropes, 0, rows, 0), _rows(q_ropes, 1, rows, 0))
+            k_rope = (_rows(k_ropes, 0, rows, n), _rows(k_ropes, 1, rows, n))
+            if any(len(r[0]) < n for r in k_ropes):
+                keys = torch.arange(n + f * h * w, device=x.device)
+                valid = [((keys < len(r[0])) | (keys >= n))[:, None] for r in k_ropes]
+                mask = _rows([(v,) for v in valid], 0, rows, 0)[:, :, 0][:, None, None]
+        window = CachedWindow(caches, views, rows, k_rope, mask)
+        tokens = self._run_blocks(tokens, t_mod, text_kvs, audio_per_layer, q_rope, None, window)
         return self._unpatchify(self.head(tokens, t_emb), grid)
+
+    @staticmethod
+    def _merge_text(caches: list[KVCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the text K/V of every stream stacked in batch order (one stream: its own, no copy)."""
+        if len(caches) == 1:
+            return caches[0].cross
+        return [
+            (torch.cat([c.cross[i][0] for c in caches]), torch.cat([c.cross[i][1] for c in caches]))
+            for i in range(len(caches[0].cross))
+        ]
 
     def new_cache(
         self,

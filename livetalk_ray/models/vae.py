@@ -123,3 +123,36 @@ class VAEDecodeStream:
 
             out = unpatchify(out, patch_size=model.config.patch_size)
         return out.clamp(-1.0, 1.0).float()
+
+
+def decode_many(streams: list[VAEDecodeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`decode_block` of several streams of one VAE in one batch (cross-session batching).
+
+    Streams past their first latent frame have feature caches of one shape, so they are stacked along
+    the batch, decoded together and split back; a stream still at its start decodes alone. Besides fewer,
+    larger kernels this moves CPU batches onto oneDNN: PyTorch picks its slow native conv3d for small
+    single-sample inputs, and a batch of 2 costs about what 1 does on the toy VAE."""
+    outputs: list[torch.Tensor | None] = [None] * len(streams)
+    ready = [i for i, s in enumerate(streams) if s.frames_in > 0 and all(torch.is_tensor(c) for c in s.feat_cache)]
+    groups: dict[tuple, list[int]] = {}
+    for i in ready:  # same cache shapes and latent frames → one batch
+        key = (tuple(latents[i].shape[1:]), tuple(tuple(c.shape[1:]) for c in streams[i].feat_cache))
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            continue
+        merged = VAEDecodeStream(streams[members[0]].vae)
+        merged.frames_in = streams[members[0]].frames_in
+        merged.feat_cache = [torch.cat(parts) for parts in zip(*(streams[i].feat_cache for i in members), strict=True)]
+        out = merged.decode_block(torch.cat([latents[i] for i in members]))
+        sizes = [latents[i].shape[0] for i in members]
+        for i, video, *caches in zip(
+            members, out.split(sizes), *(c.split(sizes) for c in merged.feat_cache), strict=True
+        ):
+            outputs[i] = video
+            streams[i].feat_cache = list(caches)
+            streams[i].frames_in += latents[i].shape[2]
+    for i, stream in enumerate(streams):
+        if outputs[i] is None:
+            outputs[i] = stream.decode_block(latents[i])
+    return outputs

@@ -4,7 +4,7 @@ Sessions are sticky: callers route with `handle.options(session_id=...)` and the
 ConsistentHashRouter, so every call of a session lands on the replica that holds its cache. A call for a
 session this replica does not hold (it was lost with another replica, or reaped) raises `SessionLost`,
 and the caller re-primes the session from its reference image. Idle sessions are released after
-`serve.session_idle_s`.
+`serve.session_idle_s`. Blocks of sessions that are ready at the same time are denoised in one batch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.diffusion.pipeline import AvatarPipeline, AvatarStream, LatentBlock
+from livetalk_ray.diffusion.pipeline import AvatarPipeline, AvatarStream, LatentBlock, next_latents_many
+from livetalk_ray.serving.batching import MicroBatcher
 
 
 class SessionLost(KeyError):
@@ -77,50 +78,69 @@ class DenoiserCore:
     def set_prompt(self, session_id: str, prompt: str) -> None:
         self.sessions.get(session_id).set_prompt(prompt)
 
+    def next_blocks(self, requests: list[tuple[str, np.ndarray]]) -> list[tuple[LatentBlock, int] | Exception]:
+        """For each (session, audio) request: push the caller's audio (speech or silence) and denoise the
+        session's next block, all sessions in one batch. Per request: the block and the total samples the
+        block after it wants (one call per block: the relay sends exactly the difference), or the error of
+        that request alone (e.g. `SessionLost`)."""
+        results: list = [None] * len(requests)
+        ready: list[tuple[int, AvatarStream]] = []
+        for i, (session_id, samples) in enumerate(requests):
+            try:
+                stream: AvatarStream = self.sessions.get(session_id)
+                stream.push_audio(np.asarray(samples, dtype=np.float32))
+                ready.append((i, stream))
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the batch's
+                results[i] = exc
+        if ready:
+            for (i, stream), block in zip(ready, next_latents_many([s for _, s in ready]), strict=True):
+                block.latents = block.latents.cpu()
+                results[i] = (block, stream.audio.samples_needed_for_block(block.index + 1))
+        return results
+
     def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
-        """Push the caller's audio (speech or silence), denoise the next block; returns it and the total
-        samples the block after it wants (one call per block: the relay sends exactly the difference)."""
-        stream: AvatarStream = self.sessions.get(session_id)
-        stream.push_audio(np.asarray(samples, dtype=np.float32))
-        block = stream.next_latents()
-        block.latents = block.latents.cpu()
-        return block, stream.audio.samples_needed_for_block(block.index + 1)
+        result = self.next_blocks([(session_id, samples)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def close(self, session_id: str) -> bool:
         return self.sessions.close(session_id)
 
 
 class Denoiser:
-    """Serve deployment class (decorated in serving/app.py). Methods run one at a time per replica on a
-    worker thread, so the event loop keeps answering health checks and other sessions' cheap calls."""
+    """Serve deployment class (decorated in serving/app.py). Concurrent `next_block` calls of different
+    sessions are denoised together (serving/batching.py); priming runs between batches."""
 
     def __init__(self, cfg: dict, checkpoint: str | None) -> None:
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.core = DenoiserCore(self.cfg, checkpoint)
-        self.lock: asyncio.Lock | None = None  # one model, one computation at a time
+        self.batcher = MicroBatcher(self.core.next_blocks, self.cfg.serve.batch_sessions)
         self.reaper: asyncio.Task | None = None
 
-    async def _run(self, fn, *args):
-        if self.lock is None:  # made on the replica's event loop, which __init__ may not run on
-            self.lock = asyncio.Lock()
+    def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
+        if self.reaper is None:
             self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
-        async with self.lock:
-            return await asyncio.to_thread(fn, *args)
 
     async def open(self, session_id: str, image: np.ndarray, prompt: str, seed: int) -> int:
-        return await self._run(self.core.open, session_id, image, prompt, seed)
+        self._start_reaper()
+        return await self.batcher.exclusive(self.core.open, session_id, image, prompt, seed)
 
     async def set_prompt(self, session_id: str, prompt: str) -> None:
-        return await self._run(self.core.set_prompt, session_id, prompt)
+        return await self.batcher.exclusive(self.core.set_prompt, session_id, prompt)
 
     async def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
-        return await self._run(self.core.next_block, session_id, samples)
+        self._start_reaper()
+        return await self.batcher.submit(session_id, (session_id, samples))
 
     async def close(self, session_id: str) -> bool:
         return self.core.close(session_id)
 
     async def session_count(self) -> int:
         return len(self.core.sessions)
+
+    async def batch_sizes(self) -> list[int]:
+        return self.batcher.batch_sizes
 
 
 async def reap_forever(sessions: SessionTable, idle_s: float) -> None:

@@ -16,7 +16,8 @@ from PIL import Image
 
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
-from livetalk_ray.models.vae import WanVAE
+from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
+from livetalk_ray.serving.batching import MicroBatcher
 from livetalk_ray.serving.denoiser import SessionTable, reap_forever
 
 
@@ -33,36 +34,53 @@ class DecoderCore:
         self.vae = WanVAE(cfg.vae, device=device, dtype=resolve_dtype(cfg.runtime, device), seed=TOY_INIT_SEED)
         self.sessions = SessionTable("decoder")
 
+    def decode_many(self, requests: list[tuple[str, int, torch.Tensor]]) -> list[list[bytes] | Exception]:
+        """JPEG frames of one block per (session, block index, latents), all sessions in one batch; block 0
+        (re)starts the session's decoder state. Per request: its frames, or its own error."""
+        results: list = [None] * len(requests)
+        ready: list[tuple[int, VAEDecodeStream, torch.Tensor]] = []
+        for i, (session_id, block_index, latents) in enumerate(requests):
+            if block_index == 0:
+                self.sessions.put(session_id, self.vae.stream())
+            try:
+                ready.append((i, self.sessions.get(session_id), latents.to(self.vae.device)))
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the batch's
+                results[i] = exc
+        videos = decode_many([d for _, d, _ in ready], [x for _, _, x in ready])
+        for (i, _, _), video in zip(ready, videos, strict=True):
+            results[i] = [jpeg(f, self.cfg.serve.jpeg_quality) for f in tensor_to_uint8(video[0])]
+        return results
+
     def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
-        """Frames of one block as JPEG bytes; block 0 (re)starts the session's decoder state."""
-        if block_index == 0:
-            self.sessions.put(session_id, self.vae.stream())
-        decoder = self.sessions.get(session_id)
-        frames = tensor_to_uint8(decoder.decode_block(latents.to(self.vae.device))[0])
-        return [jpeg(f, self.cfg.serve.jpeg_quality) for f in frames]
+        result = self.decode_many([(session_id, block_index, latents)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     def close(self, session_id: str) -> bool:
         return self.sessions.close(session_id)
 
 
 class VAEDecoder:
-    """Serve deployment class (decorated in serving/app.py)."""
+    """Serve deployment class (decorated in serving/app.py). Concurrent blocks of different sessions are
+    decoded together (serving/batching.py)."""
 
     def __init__(self, cfg: dict) -> None:
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.core = DecoderCore(self.cfg)
-        self.lock: asyncio.Lock | None = None
+        self.batcher = MicroBatcher(self.core.decode_many, self.cfg.serve.batch_sessions)
         self.reaper: asyncio.Task | None = None
 
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
-        if self.lock is None:
-            self.lock = asyncio.Lock()
+        if self.reaper is None:  # needs the replica's running event loop
             self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
-        async with self.lock:
-            return await asyncio.to_thread(self.core.decode, session_id, block_index, latents)
+        return await self.batcher.submit(session_id, (session_id, block_index, latents))
 
     async def close(self, session_id: str) -> bool:
         return self.core.close(session_id)
 
     async def session_count(self) -> int:
         return len(self.core.sessions)
+
+    async def batch_sizes(self) -> list[int]:
+        return self.batcher.batch_sizes

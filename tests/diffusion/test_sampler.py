@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from livetalk_ray.diffusion.flow import FlowSchedule
@@ -123,3 +124,40 @@ def test_training_rollout_exits_early_with_a_graph_only_through_its_exit_step(ti
     assert torch.equal(blocks[0][:, :, :1].detach(), ref)  # the reference frame is given
     torch.cat(blocks, dim=2).square().mean().backward()
     assert model.head.head.weight.grad is not None and model.head.head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["absolute", "rebased"])
+def test_batched_streams_equal_separate_streams(toy_cfg, mode):
+    """Cross-session batching: streams that join at different times (different blocks, windows filled to
+    different lengths, one past the ring wrap) give the blocks they give alone."""
+    cfg = toy_cfg.model_copy(deep=True)
+    cfg.cache.rope_positions = mode
+    model = randomized(cfg)
+    sampler = StreamingSampler(model, cfg)
+    conds = [conditions(cfg, 10) for _ in range(3)]
+
+    def start(i):
+        ref, text, _ = conds[i]
+        return sampler.start(ref, text, seed=10 + i)
+
+    def audio(i, state):
+        k = state.block_index
+        return conds[i][2][:, 3 * k : 3 * k + 3]
+
+    alone = []
+    for i in range(3):
+        state = start(i)
+        alone.append([sampler.next_block(state, audio(i, state)) for _ in range(10 - 3 * i)])
+    states, batched = [start(0)], [[], [], []]
+    for round_ in range(10):
+        if round_ in (3, 6):  # a stream joins at block 0 while the others are mid-stream
+            states.append(start(len(states)))
+        live = [i for i, s in enumerate(states) if s.block_index < 10 - 3 * i]
+        outs = sampler.next_blocks([states[i] for i in live], [audio(i, states[i]) for i in live])
+        for i, out in zip(live, outs, strict=True):
+            batched[i].append(out)
+    for i in range(3):
+        assert len(batched[i]) == len(alone[i])
+        for k, (b, a) in enumerate(zip(batched[i], alone[i], strict=True)):
+            assert (b - a).abs().max() < 1e-4, (i, k)
+    assert torch.equal(batched[2][0][:, :, :1], conds[2][0])  # a joining stream keeps its reference frame

@@ -138,3 +138,35 @@ def test_group_audio_frames_repeats_frame_zero():
     assert grouped[0, 1, :, 0].tolist() == [1, 2, 3, 4]
     with pytest.raises(ValueError):
         group_audio_frames(torch.zeros(1, 8, 1))
+
+
+def test_cached_forward_of_many_streams_equals_each_alone(toy_cfg):
+    """Two streams with differently filled windows (one empty, one with two blocks) in one batch."""
+    model = randomize(WanDiT(toy_cfg.model))
+    a, b = inputs(toy_cfg, 9), inputs(toy_cfg, 3)
+
+    def caches():
+        return [model.new_cache(1, toy_cfg.tokens_per_frame, 15, 3) for _ in range(2)]
+
+    with torch.no_grad():
+        alone, together = caches(), caches()
+        for cache_set in (alone, together):
+            for s in (0, 3):
+                sl = slice(s, s + 3)
+                model.forward_cached(a["x"][:, :, sl], a["t"][:, sl], a["context"], a["y"][:, :, sl], cache_set[0], s)
+        ref_a = model.forward_cached(a["x"][:, :, 6:], a["t"][:, 6:], a["context"], a["y"][:, :, 6:], alone[0], 6)
+        ref_b = model.forward_cached(b["x"], b["t"], b["context"], b["y"], alone[1], 0)
+        both = model.forward_cached_many(
+            torch.cat([a["x"][:, :, 6:], b["x"]]),
+            torch.cat([a["t"][:, 6:], b["t"]]),
+            [a["context"], b["context"]],
+            torch.cat([a["y"][:, :, 6:], b["y"]]),
+            together,
+            [6, 0],
+        )
+    assert (both[:1] - ref_a).abs().max() < 1e-4 and (both[1:] - ref_b).abs().max() < 1e-4
+    for layer in (0, toy_cfg.model.num_layers - 1):  # each stream's cache got its own keys
+        assert torch.allclose(together[0].k[layer], alone[0].k[layer], atol=1e-5)
+        assert torch.allclose(together[1].k[layer], alone[1].k[layer], atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        model.forward_cached_many(b["x"], b["t"], [b["context"]] * 2, b["y"], caches(), [0, 0])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from livetalk_ray.models.vae import VAEError, WanVAE
+from livetalk_ray.models.vae import VAEError, WanVAE, decode_many
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,22 @@ def test_two_streams_do_not_share_state(vae):
     sa.decode_block(a[:, :, :3])
     sb.decode_block(b[:, :, :3])
     assert torch.allclose(sa.decode_block(a[:, :, 3:]), vae.decode(a)[:, :, 9:], atol=1e-5)
+
+
+def test_batched_decode_equals_each_stream_alone(vae):
+    """Three streams decoded together, one of them joining at its first block (which decodes alone)."""
+    clips = [torch.randn(1, 16, 9, 8, 8) for _ in range(3)]
+    wholes = [vae.decode(c) for c in clips]
+    streams = [vae.stream() for _ in range(3)]
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    for b in range(4):  # stream 2 starts one block late
+        live = [i for i in range(3) if b - (i == 2) in range(3)]
+        blocks = [clips[i][:, :, 3 * (b - (i == 2)) :][:, :, :3] for i in live]
+        for i, out in zip(live, decode_many([streams[i] for i in live], blocks), strict=True):
+            parts[i].append(out)
+    for i in range(3):
+        assert torch.allclose(torch.cat(parts[i], 2), wholes[i], atol=1e-4), i
+        assert streams[i].frames_in == 9
 
 
 def test_encode_shape_and_frame_rule(vae):

@@ -18,3 +18,43 @@ def test_idle_sessions_are_reaped_and_then_lost():
     with pytest.raises(SessionLost, match="session b is not held by this denoiser replica"):
         table.get("b")
     assert table.close("a") and not table.close("a") and len(table) == 0
+
+
+def test_sessions_denoised_in_one_batch_get_their_own_blocks():
+    """Two sessions batched (one joining two blocks late) equal the same sessions run alone, and a request
+    for a session the replica does not hold fails alone."""
+    import numpy as np
+    import torch
+
+    from livetalk_ray.config import load_config
+    from livetalk_ray.serving.denoiser import DenoiserCore
+
+    core = DenoiserCore(load_config("toy", overrides=["model.num_layers=2"]), None)
+    images = [np.full((64, 64, 3), v, np.uint8) for v in (90, 180)]
+    silence = {
+        sid: core.open(sid, img, "A person talks.", seed=i)
+        for i, (sid, img) in enumerate(zip("ab", images, strict=True))
+    }
+    alone = {sid: [] for sid in "ab"}
+    for sid in "ab":
+        needed, pushed = silence[sid], 0
+        for _ in range(4):
+            block, later = core.next_block(sid, np.zeros(needed - pushed, np.float32))
+            alone[sid].append(block.latents)
+            needed, pushed = later, needed
+    for i, (sid, img) in enumerate(zip("ab", images, strict=True)):
+        core.open(sid, img, "A person talks.", seed=i)
+    needed, pushed, together = dict(silence), {"a": 0, "b": 0}, {sid: [] for sid in "ab"}
+    for round_ in range(6):
+        live = ["a"] * (round_ < 4) + ["b"] * (round_ >= 2)
+        requests = [(sid, np.zeros(needed[sid] - pushed[sid], np.float32)) for sid in live]
+        *results, lost = core.next_blocks([*requests, ("gone", np.zeros(10, np.float32))])
+        assert isinstance(lost, SessionLost)
+        for sid, (block, later) in zip(live, results, strict=True):
+            assert block.timings["batch"] == len(live)
+            together[sid].append(block.latents)
+            needed[sid], pushed[sid] = later, needed[sid]
+    for sid in "ab":
+        assert len(together[sid]) == 4
+        for x, y in zip(together[sid], alone[sid], strict=True):
+            assert torch.allclose(x, y, atol=1e-4)

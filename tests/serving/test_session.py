@@ -67,6 +67,25 @@ def test_blocks_arrive_in_order_with_audio_under_their_frames(stages):
     assert len(stages[0].core.sessions) == len(stages[1].core.sessions) == 0  # released on close
 
 
+def test_concurrent_sessions_share_batches_and_keep_their_own_streams(stages):
+    async def main():
+        drivers = [driver_for(stages, "serve.lead_blocks=100", sid=f"s{i}") for i in range(3)]
+        queues = [d.subscribe() for d in drivers]
+        for d in drivers:
+            d.start()
+        got = await asyncio.gather(*(take(q, 4) for q in queues))
+        for d in drivers:
+            await d.close()
+        return [[decode_block(m)[0] for m in messages] for messages in got]
+
+    headers = asyncio.run(main())
+    for per_session in headers:
+        assert [h["index"] for h in per_session] == [0, 1, 2, 3]
+        assert [h["first_frame"] for h in per_session] == [0, 9, 21, 33]
+    # three ready sessions were computed together by both stages
+    assert max(stages[0].batcher.batch_sizes) >= 2 and max(stages[1].batcher.batch_sizes) >= 2
+
+
 def test_queued_speech_plays_in_the_next_blocks(stages):
     async def main():
         driver = driver_for(stages, "serve.lead_blocks=100", sid="speech")
