@@ -6,7 +6,7 @@ import typer
 
 from livetalk_ray.cli.data import data_app, demo_data
 from livetalk_ray.cli.model import evaluate_command, export, generate, model_app
-from livetalk_ray.cli.serve import serve_command
+from livetalk_ray.cli.serve import loadtest_command, serve_command
 from livetalk_ray.cli.train import ode_app, pipeline, train_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and serve real-time talking avatars.")
@@ -20,5 +20,6 @@ app.command("export")(export)
 app.command("eval")(evaluate_command)
 app.command("pipeline")(pipeline)
 app.command("serve")(serve_command)
+app.command("loadtest")(loadtest_command)
 
 __all__ = ["app"]

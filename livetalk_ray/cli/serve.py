@@ -91,3 +91,53 @@ def serve_command(
             console.print("shutting down …")
         finally:
             serve.shutdown()
+
+
+@friendly_errors
+def loadtest_command(
+    url: Annotated[str, typer.Option("--url", help="server base URL")] = "http://127.0.0.1:8000",
+    sessions: Annotated[int, typer.Option("--sessions", min=1, help="concurrent WebSocket sessions")] = 4,
+    minutes: Annotated[float, typer.Option("--minutes", min=0.05, help="how long each session streams")] = 2.0,
+    token: Annotated[str | None, typer.Option("--token", help="API token, if the server wants one")] = None,
+    portrait: Annotated[str, typer.Option("--portrait", help="bundled portrait name")] = "ada",
+    app: Annotated[str, typer.Option("--app", help="Serve app whose replica memory to sample")] = APP_NAME,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the report here")] = None,
+) -> None:
+    """Stream N concurrent sessions for M minutes against a running server and report drops, time to first
+    frame, inter-block gaps and (for a server on this machine) replica memory; exits 1 if any session dropped."""
+    import json
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from livetalk_ray.serving.loadtest import local_replica_memory, run_load
+
+    try:
+        urllib.request.urlopen(url.rstrip("/") + "/healthz", timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"no server answers {url}/healthz ({exc}); start one with `livetalk serve`") from None
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"{sessions} sessions × {minutes:g} min", total=1.0)
+        report = run_load(
+            url,
+            sessions,
+            minutes * 60,
+            token=token,
+            portrait=portrait,
+            memory_probe=lambda: local_replica_memory(app),
+            progress=lambda done: bar.update(task, completed=done),
+        )
+
+    table = Table(title=f"load test: {sessions} sessions × {minutes:g} min at {url}")
+    table.add_column("measure")
+    table.add_column("value")
+    for row in report.rows():
+        table.add_row(*row)
+    console.print(table)
+    for error in report.errors:
+        console.print(f"[red]{error}[/]")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if report.dropped:
+        raise typer.Exit(1)

@@ -23,10 +23,11 @@ from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
-# Every call of a session goes to the replica holding its state; no fallback replica, since a replica
-# without the session could only answer "lost" (the driver then re-primes).
+# Every call of a session goes to the replica holding its state, placed on the least loaded replica at the
+# session's first call (serving/routing.py); no fallback replica, since a replica without the session could
+# only answer "lost" (the driver then re-primes).
 STICKY = RequestRouterConfig(
-    request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
+    request_router_class="livetalk_ray.serving.routing.SessionRouter",
     request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0},
 )
 SESSION_DRAIN_S = 120  # a replica scaled in gets this long to finish its sessions' calls (Serve's default: 20 s)

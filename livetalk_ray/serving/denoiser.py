@@ -18,6 +18,7 @@ import torch
 
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.diffusion.pipeline import AvatarPipeline, AvatarStream, LatentBlock, next_latents_many
+from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
 from livetalk_ray.serving.batching import MicroBatcher
 
 
@@ -141,6 +142,10 @@ class Denoiser:
 
     async def batch_sizes(self) -> list[int]:
         return self.batcher.batch_sizes
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
+        return {SESSIONS_METRIC: float(len(self.core.sessions))}
 
 
 async def reap_forever(sessions: SessionTable, idle_s: float) -> None:

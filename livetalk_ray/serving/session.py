@@ -108,6 +108,7 @@ class SessionDriver:
         self.blocks_published = 0
         self.frames_published = 0
         self.first_frame_s: float | None = None
+        self.first_frame_marks: dict[str, float] = {}
         self.last_activity = time.monotonic()
         self.closed = asyncio.Event()
         self.task: asyncio.Task | None = None
@@ -182,6 +183,7 @@ class SessionDriver:
     async def _stream(self, t0: float) -> None:
         s, fps = self.spec, self.cfg.video.fps
         needed, pushed = await self.denoiser.call("open", s.session_id, s.image, s.prompt, s.seed), 0
+        self._mark("primed_s")
         decoding: tuple | None = None
         try:
             while not self.closed.is_set():
@@ -189,12 +191,15 @@ class SessionDriver:
                 audio = self._take_audio(needed - pushed)
                 pushed = needed
                 block, needed = await self.denoiser.call("next_block", s.session_id, audio)
+                self._mark("denoised_s")
                 self.frames_made += block.num_frames
                 frames = asyncio.create_task(self.decoder.call("decode", s.session_id, block.index, block.latents))
                 if decoding is not None:
                     await self._publish_block(*decoding, fps)
                 decoding = (block, frames)
-                if self.cfg.serve.blocks_in_flight == 1:  # sequential: decode before the next denoise
+                # Sequential: decode before the next denoise. Block 0 always is: the first frame is what a user
+                # waits for, and block 1 is not due until block 0 has played, so nothing may compete with it.
+                if self.cfg.serve.blocks_in_flight == 1 or block.index == 0:
                     await self._publish_block(*decoding, fps)
                     decoding = None
             if decoding is not None:
@@ -217,6 +222,7 @@ class SessionDriver:
 
     async def _publish_block(self, block, frames: asyncio.Task, fps: int) -> None:
         jpegs = await frames
+        self._mark("decoded_s")
         header = {
             "index": self.blocks_published,
             "first_frame": self.frames_published,
@@ -226,10 +232,16 @@ class SessionDriver:
         }
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.spec.created
-            await self.publish({"type": "first_frame", "latency_s": self.first_frame_s})
+            await self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
         await self.publish(encode_block(header, jpegs, block.audio))
         self.blocks_published += 1
         self.frames_published += len(jpegs)
+
+    def _mark(self, name: str) -> None:
+        """Seconds since the session was created at which the first block passed each step (the
+        `first_frame` event carries them, so a slow start shows where it went)."""
+        if self.first_frame_s is None and name not in self.first_frame_marks:
+            self.first_frame_marks[name] = round(time.monotonic() - self.spec.created, 4)
 
     async def close(self) -> None:
         """Stop the loop and release the session on both stages (best effort: a lost replica holds nothing)."""

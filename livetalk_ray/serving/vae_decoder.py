@@ -17,6 +17,7 @@ from PIL import Image
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
+from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
 from livetalk_ray.serving.batching import MicroBatcher
 from livetalk_ray.serving.denoiser import SessionTable, reap_forever
 
@@ -84,3 +85,7 @@ class VAEDecoder:
 
     async def batch_sizes(self) -> list[int]:
         return self.batcher.batch_sizes
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
+        return {SESSIONS_METRIC: float(len(self.core.sessions))}

@@ -1,5 +1,6 @@
-"""Autoscaling on session load: a Denoiser with min 1 / max 2 replicas scales up while unpaced sessions keep
-it busy and back down when they end. Its own app (route prefix /scale) beside the shared one."""
+"""Autoscaling on session load: a Denoiser with min 1 / max 2 replicas and the SessionLoad policy (2 sessions
+per replica) scales up while 3 sessions stream and back down when they end. Its own app (route prefix
+/scale) beside the shared one."""
 
 from __future__ import annotations
 
@@ -20,22 +21,27 @@ def denoiser_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-# Not in the default run yet: on this 2-core machine no second Denoiser replica appeared within 180 s under
-# 3 unpaced sessions (issue 6 is open on it); run with `./dev test -m slow tests/serving`.
 @pytest.mark.slow
 def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
     cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000"])  # unpaced: all load
     tiny = {"ray_actor_options": {"num_cpus": 0.1}}
     overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "Ingress")}
     overrides["Denoiser"] = {
-        **tiny,
+        # replicas report their sessions every second (Serve's default push interval is 10 s)
+        "ray_actor_options": {
+            "num_cpus": 0.1,
+            "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}},
+        },
         "autoscaling_config": {
             "min_replicas": 1,
             "max_replicas": 2,
-            "target_ongoing_requests": 1,
             "upscale_delay_s": 2,
             "downscale_delay_s": 8,
-            "look_back_period_s": 12,
+            "look_back_period_s": 4,
+            "policy": {
+                "policy_function": "livetalk_ray.serving.autoscaling:SessionLoad",
+                "policy_kwargs": {"sessions_per_replica": 2},
+            },
         },
     }
     serve.run(build_app(cfg, overrides=overrides), name="scale", route_prefix="/scale", blocking=False)

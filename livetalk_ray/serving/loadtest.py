@@ -1,0 +1,189 @@
+"""Load generator for a running server: N concurrent WebSocket sessions for a fixed time, as real clients.
+
+Each session POSTs a bundled portrait, reads its WebSocket like a browser (every block, every event) and
+DELETEs itself at the end. Reported: sessions dropped (closed early, error event, or failed to start),
+time to first frame, the gap between consecutive blocks (p50/p99), frames per second per session, and —
+when a memory probe is given (the server runs on this machine) — the resident memory of every Serve
+replica over the run, so a leak shows as growth after warm-up.
+
+`livetalk loadtest` is the command; `bench/load.py` runs it against a local server and keeps the JSON.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import psutil
+from websockets.sync.client import connect
+
+from livetalk_ray.serving.protocol import decode_block
+
+
+@dataclass
+class SessionResult:
+    index: int
+    ttff_s: float | None = None  # POST sent → first block received
+    arrivals: list[float] = field(default_factory=list)
+    block_frames: list[int] = field(default_factory=list)
+    error: str | None = None  # why the session counts as dropped
+
+    @property
+    def gaps(self) -> list[float]:
+        return list(np.diff(self.arrivals[1:])) if len(self.arrivals) > 2 else []  # block 0 → 1 includes priming
+
+
+@dataclass
+class LoadReport:
+    sessions: int
+    seconds: float
+    dropped: int
+    errors: list[str]
+    ttff_p50_s: float | None
+    ttff_p99_s: float | None
+    gap_p50_s: float | None
+    gap_p99_s: float | None
+    fps_per_session: float | None
+    memory_mb: dict[str, list[float]]  # deployment → RSS samples (MB), summed over its replicas
+    memory_growth_mb: dict[str, float]  # lowest RSS of the second half minus that of the first (after warm-up)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def rows(self) -> list[tuple[str, str]]:
+        """(measure, value) rows for a table."""
+
+        def fmt(value: float | None, unit: str = "s") -> str:
+            return "–" if value is None else f"{value:.3f} {unit}"
+
+        rows = [
+            ("sessions dropped", f"{self.dropped} of {self.sessions}"),
+            ("time to first frame p50 / p99", f"{fmt(self.ttff_p50_s)} / {fmt(self.ttff_p99_s)}"),
+            ("inter-block gap p50 / p99", f"{fmt(self.gap_p50_s)} / {fmt(self.gap_p99_s)}"),
+            ("frames per second per session", "–" if self.fps_per_session is None else f"{self.fps_per_session:.1f}"),
+        ]
+        for name, samples in self.memory_mb.items():
+            growth = self.memory_growth_mb.get(name)
+            after = "–" if growth is None else f"{growth:+.0f}"
+            rows.append(
+                (f"{name} RSS MB: first, last (floor growth)", f"{samples[0]:.0f}, {samples[-1]:.0f} ({after})")
+            )
+        return rows
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _one_session(base: str, token: str | None, portrait: str, seconds: float, result: SessionResult) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        t0 = time.perf_counter()
+        reply = httpx.post(base + "/v1/sessions", data={"portrait": portrait}, headers=headers, timeout=120)
+        if reply.status_code != 201:
+            result.error = f"POST /v1/sessions: {reply.status_code} {reply.text[:200]}"
+            return
+        session = reply.json()
+        origin = urlsplit(base)._replace(path="", query="").geturl()  # the ws path carries any route prefix
+        url = origin.replace("http", "ws", 1) + session["ws"] + (f"?token={token}" if token else "")
+        end = time.monotonic() + seconds
+        with connect(url, max_size=None, open_timeout=60) as ws:
+            while time.monotonic() < end:
+                message = ws.recv(timeout=max(30.0, end - time.monotonic()))
+                if isinstance(message, bytes):
+                    now = time.perf_counter()
+                    result.arrivals.append(now)
+                    result.block_frames.append(len(decode_block(message)[1]))
+                    if result.ttff_s is None:
+                        result.ttff_s = now - t0
+                elif '"error"' in message:
+                    result.error = f"error event: {message[:200]}"
+                    return
+        httpx.delete(base + f"/v1/sessions/{session['session_id']}", headers=headers, timeout=60)
+    except Exception as exc:  # noqa: BLE001 - any failure drops this session; the report says which
+        result.error = f"{type(exc).__name__}: {exc}"
+
+
+_REPLICA_TITLE = (re.compile(r"ServeReplica:([^:\s]+):(\w+)"), re.compile(r"SERVE_REPLICA::([^#\s]+)#(\w+)#"))
+
+
+def local_replica_memory(app: str) -> dict[str, float]:
+    """RSS in MB per deployment of `app`, summed over its replica processes on this machine."""
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        for pattern in _REPLICA_TITLE:
+            match = pattern.search(title)
+            if match and match.group(1) == app and proc.info["memory_info"] is not None:
+                out[match.group(2)] = out.get(match.group(2), 0.0) + proc.info["memory_info"].rss / 2**20
+                break
+    return out
+
+
+def run_load(
+    base_url: str,
+    sessions: int,
+    seconds: float,
+    *,
+    token: str | None = None,
+    portrait: str = "ada",
+    memory_probe: Callable[[], dict[str, float]] | None = None,
+    sample_every_s: float = 2.0,
+    warmup_share: float = 0.25,
+    progress: Callable[[float], None] | None = None,
+) -> LoadReport:
+    """Run `sessions` concurrent sessions for `seconds` each; `progress(fraction)` is called while waiting."""
+    if sessions < 1 or seconds <= 0:
+        raise ValueError("need at least one session and a positive duration")
+    base = base_url.rstrip("/")
+    results = [SessionResult(i) for i in range(sessions)]
+    threads = [
+        threading.Thread(target=_one_session, args=(base, token, portrait, seconds, r), daemon=True) for r in results
+    ]
+    samples: list[tuple[float, dict[str, float]]] = []
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        if memory_probe is not None:
+            samples.append((time.monotonic() - start, memory_probe()))
+        if progress is not None:
+            progress(min(1.0, (time.monotonic() - start) / seconds))
+        for t in threads:
+            t.join(timeout=sample_every_s / len(threads))
+    memory: dict[str, list[float]] = {}
+    growth: dict[str, float] = {}
+    for name in sorted({n for _, s in samples for n in s}):
+        memory[name] = [round(s.get(name, 0.0), 1) for _, s in samples]
+        # Working memory swings by a batch's temporaries (hundreds of MB for CPU convolutions), so compare
+        # floors: retained memory (a leak) raises the low point of the run's second half above that of its
+        # first half (after warm-up); temporaries do not.
+        cut = warmup_share * seconds
+        mid = cut + (seconds - cut) / 2
+        first = [s[name] for t, s in samples if cut <= t < mid and name in s]
+        second = [s[name] for t, s in samples if t >= mid and name in s]
+        if first and second:
+            growth[name] = round(min(second) - min(first), 1)
+    ttffs = [r.ttff_s for r in results if r.ttff_s is not None]
+    gaps = [g for r in results for g in r.gaps]
+    fps = [sum(r.block_frames[1:]) / (r.arrivals[-1] - r.arrivals[0]) for r in results if len(r.arrivals) > 2]
+    errors = [f"session {r.index}: {r.error}" for r in results if r.error]
+    return LoadReport(
+        sessions=sessions,
+        seconds=seconds,
+        dropped=len(errors),
+        errors=errors,
+        ttff_p50_s=_percentile(ttffs, 50),
+        ttff_p99_s=_percentile(ttffs, 99),
+        gap_p50_s=_percentile(gaps, 50),
+        gap_p99_s=_percentile(gaps, 99),
+        fps_per_session=float(np.mean(fps)) if fps else None,
+        memory_mb=memory,
+        memory_growth_mb=growth,
+    )

@@ -1,0 +1,34 @@
+"""The load generator against the real local server: concurrent paced sessions all stream to the end,
+gaps and first-frame latency are measured, replica memory is sampled and stays bounded; the CLI reports
+and exits 0, or 1 when a session drops."""
+
+import json
+
+from typer.testing import CliRunner
+
+from livetalk_ray.cli import app
+from livetalk_ray.serving.loadtest import local_replica_memory, run_load
+from tests.serving.conftest import TOKEN
+
+
+def test_concurrent_sessions_stream_to_the_end_with_bounded_memory(server):
+    report = run_load(server, 3, 30, token=TOKEN, memory_probe=lambda: local_replica_memory("livetalk"))
+    assert report.dropped == 0, report.errors
+    # paced at the video's real time (16 fps): the gap between blocks of 12 frames is about 0.75 s
+    assert 0.3 < report.gap_p50_s < 1.5 and report.gap_p99_s >= report.gap_p50_s
+    assert 10 < report.fps_per_session < 25
+    assert report.ttff_p50_s is not None and report.ttff_p50_s < 30
+    assert {"Denoiser", "VAEDecoder", "Ingress", "LLM", "Speech"} <= set(report.memory_mb)
+    assert all(len(samples) >= 5 for samples in report.memory_mb.values())
+    for name in ("Denoiser", "VAEDecoder", "Ingress"):  # three sessions' state is small next to the models
+        assert report.memory_growth_mb[name] < 64, (name, report.memory_mb[name])
+
+
+def test_the_cli_reports_and_fails_on_drops(server, tmp_path):
+    out = tmp_path / "load.json"
+    args = ["loadtest", "--url", server, "--sessions", "1", "--minutes", "0.1", "--token", TOKEN, "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sessions dropped" in result.output and json.loads(out.read_text())["dropped"] == 0
+    bad = CliRunner().invoke(app, [*args[:-2], "--token", "wrong"])  # every POST is refused: all dropped
+    assert bad.exit_code == 1 and "401" in bad.output
