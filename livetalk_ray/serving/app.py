@@ -50,6 +50,9 @@ class LLM:
     async def close(self, session_id: str) -> None:
         self.chat.close(session_id)
 
+    async def ping(self) -> bool:  # the Ingress's readiness check: the model is loaded once this answers
+        return True
+
 
 class SpeechSynth:
     """Text → 16 kHz speech (serving/speech.py); stateless, any replica will do."""
@@ -60,6 +63,9 @@ class SpeechSynth:
 
     async def synthesize(self, text: str) -> np.ndarray:
         return await asyncio.to_thread(self.speech.synthesize, text)
+
+    async def ping(self) -> bool:
+        return True
 
 
 # Code defaults for one CPU machine; `overrides` (tests) and serve_apps/*.yaml (clusters) replace them by name.

@@ -20,9 +20,10 @@ from importlib import resources
 
 import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
-from fastapi.responses import HTMLResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.models.image import ImageError, decode_reference_image
 from livetalk_ray.serving.portraits import portrait_png, portraits
@@ -157,8 +158,23 @@ class Ingress:
         self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech}
         self.sessions: dict[str, Live] = {}
         self.reaper: asyncio.Task | None = None
+        self.ready = False  # every stage has answered once (see /healthz)
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s) also refreshes the sessions gauge."""
+        metrics.record(metrics.SERVE_SESSIONS, len(self.sessions), deployment="Ingress")
 
     # ---------------------------------------------------------------- helpers
+    async def _stages_answer(self, timeout_s: float = 2.0) -> bool:
+        h = self.handles
+        calls = [h["denoiser"].session_count.remote(), h["decoder"].session_count.remote()]
+        calls += [h["llm"].ping.remote(), h["speech"].ping.remote()]
+        try:
+            await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
+            return True
+        except Exception:  # noqa: BLE001 - still starting (or broken): not ready either way
+            return False
+
     def _auth(self, request: Request | WebSocket) -> None:
         token = self.cfg.serve.token
         if token is None:
@@ -195,8 +211,14 @@ class Ingress:
 
     # ---------------------------------------------------------------- routes
     @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "sessions": len(self.sessions)}
+    async def healthz(self) -> JSONResponse:
+        """200 once every stage has answered a call (a load balancer, `livetalk serve` and the load test send
+        no session to an app whose models are still loading), 503 until then."""
+        if not self.ready:
+            self.ready = await self._stages_answer()
+        if not self.ready:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ok", "sessions": len(self.sessions)})
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:

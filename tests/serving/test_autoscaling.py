@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import pytest
 from ray import serve
 from websockets.sync.client import connect
 
@@ -21,7 +20,6 @@ def denoiser_replicas() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-@pytest.mark.slow
 def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
     cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000"])  # unpaced: all load
     tiny = {"ray_actor_options": {"num_cpus": 0.1}}
@@ -54,13 +52,16 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
         stop = threading.Event()
 
         failures: list[BaseException] = []
+        reprimed: list[str] = []
 
         def session() -> None:
             try:
                 reply = httpx.post(base + "/v1/sessions", data={"portrait": "bo"}, timeout=120).json()
                 with connect(server.replace("http", "ws") + reply["ws"]) as ws:
                     while not stop.is_set():
-                        ws.recv(timeout=60)  # read everything: the driver never waits for us
+                        message = ws.recv(timeout=60)  # read everything: the driver never waits for us
+                        if isinstance(message, str) and '"reprimed"' in message:
+                            reprimed.append(message)
                 httpx.delete(base + f"/v1/sessions/{reply['session_id']}")
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 failures.append(exc)
@@ -77,6 +78,7 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
             t.join(timeout=60)
         assert not failures, failures
         assert peak == 2, "no scale-up under load"
+        assert not reprimed, reprimed  # sessions stay pinned: scaling up moves none of them
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and denoiser_replicas() != 1:
             time.sleep(1)
