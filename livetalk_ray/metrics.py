@@ -33,7 +33,63 @@ DATA_STAGE_SECONDS = MetricSpec(
     "livetalk_data_stage_seconds", "histogram", "Seconds per clip spent in each data stage", ("stage",)
 )
 
-ALL_METRICS = [DATA_CLIPS, DATA_QUARANTINED, DATA_STAGE_SECONDS]
+# Serving. Per-deployment series carry `deployment`; never a session id.
+SERVE_SESSIONS = MetricSpec(
+    "livetalk_serve_sessions", "gauge", "Sessions held by a replica (Ingress: driven; stages: cached)", ("deployment",)
+)
+SERVE_FRAMES = MetricSpec("livetalk_serve_frames", "counter", "Video frames streamed to clients")
+SERVE_BLOCKS = MetricSpec("livetalk_serve_blocks", "counter", "Blocks streamed to clients")
+SERVE_FIRST_FRAME_SECONDS = MetricSpec(
+    "livetalk_serve_first_frame_seconds", "histogram", "Session creation to its first block published"
+)
+SERVE_STAGE_SECONDS = MetricSpec(
+    "livetalk_serve_stage_seconds", "histogram", "Per-block latency of a stage call as the relay sees it", ("stage",)
+)
+SERVE_QUEUE_DEPTH = MetricSpec(
+    "livetalk_serve_queue_depth", "gauge", "Blocks waiting for a replica's next batch", ("deployment",)
+)
+SERVE_BATCH_SIZE = MetricSpec(
+    "livetalk_serve_batch_size",
+    "histogram",
+    "Sessions computed together in one batch",
+    ("deployment",),
+    (1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
+SERVE_REPRIMES = MetricSpec("livetalk_serve_reprimes", "counter", "Sessions re-primed after a lost stage")
+SERVE_SESSION_ERRORS = MetricSpec(
+    "livetalk_serve_session_errors", "counter", "Sessions ended by an error event", ("reason",)
+)
+
+# Training: every stage's loop (role = vae | teacher | ode) and the DMD roles and controller.
+TRAIN_STEP_SECONDS = MetricSpec(
+    "livetalk_train_step_seconds", "histogram", "Seconds per optimizer step (or scoring call) of a role", ("role",)
+)
+TRAIN_STEPS = MetricSpec("livetalk_train_steps", "counter", "Optimizer steps taken", ("role",))
+TRAIN_SAMPLES_PER_S = MetricSpec("livetalk_train_samples_per_second", "gauge", "Training throughput", ("role",))
+TRAIN_LOSS = MetricSpec("livetalk_train_loss", "gauge", "Latest loss of a role", ("role", "loss"))
+TRAIN_STALENESS = MetricSpec(
+    "livetalk_train_staleness", "gauge", "DMD: generator versions between a rollout's weights and the newest"
+)
+
+ALL_METRICS = [
+    DATA_CLIPS,
+    DATA_QUARANTINED,
+    DATA_STAGE_SECONDS,
+    SERVE_SESSIONS,
+    SERVE_FRAMES,
+    SERVE_BLOCKS,
+    SERVE_FIRST_FRAME_SECONDS,
+    SERVE_STAGE_SECONDS,
+    SERVE_QUEUE_DEPTH,
+    SERVE_BATCH_SIZE,
+    SERVE_REPRIMES,
+    SERVE_SESSION_ERRORS,
+    TRAIN_STEP_SECONDS,
+    TRAIN_STEPS,
+    TRAIN_SAMPLES_PER_S,
+    TRAIN_LOSS,
+    TRAIN_STALENESS,
+]
 
 
 @functools.cache
@@ -88,3 +144,20 @@ def record(spec: MetricSpec, value: float = 1.0, **tags: str) -> None:
         metric.set(value)
     else:
         metric.observe(value)
+
+
+def exported_name(spec: MetricSpec, through_ray: bool = True) -> str:
+    """The family name Prometheus stores: Ray prefixes `ray_`; counters end in `_total`."""
+    name = ("ray_" if through_ray else "") + spec.name
+    return name + "_total" if spec.kind == "counter" else name
+
+
+def record_training(role: str, entry: dict) -> None:
+    """Metrics of one training log entry (a metrics.jsonl line): losses, throughput, staleness."""
+    for key, value in entry.items():
+        if key == "loss" or key.endswith("_loss"):
+            record(TRAIN_LOSS, float(value), role=role, loss=key)
+    if "samples_per_s" in entry:
+        record(TRAIN_SAMPLES_PER_S, float(entry["samples_per_s"]), role=role)
+    if "staleness" in entry:
+        record(TRAIN_STALENESS, float(entry["staleness"]))

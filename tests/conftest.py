@@ -12,6 +12,7 @@ from livetalk_ray.config import LiveTalkConfig, load_config
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the same in every process of the test cluster
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics reach Prometheus within seconds
 
 
 @pytest.fixture(scope="session")

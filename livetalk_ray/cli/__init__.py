@@ -6,6 +6,7 @@ import typer
 
 from livetalk_ray.cli.data import data_app, demo_data
 from livetalk_ray.cli.model import evaluate_command, export, generate, model_app
+from livetalk_ray.cli.monitor import monitor_command
 from livetalk_ray.cli.serve import loadtest_command, serve_command
 from livetalk_ray.cli.train import ode_app, pipeline, train_app
 
@@ -21,5 +22,6 @@ app.command("eval")(evaluate_command)
 app.command("pipeline")(pipeline)
 app.command("serve")(serve_command)
 app.command("loadtest")(loadtest_command)
+app.command("monitor")(monitor_command)
 
 __all__ = ["app"]

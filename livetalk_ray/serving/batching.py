@@ -13,14 +13,16 @@ import asyncio
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from livetalk_ray import metrics
+
 
 class MicroBatcher:
-    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int) -> None:
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int, name: str = "") -> None:
         """`run_batch(items)` returns one result per item, in order: a value, or an exception for that item
         alone. If it raises, every item of the batch gets the exception."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.run_batch, self.max_batch = run_batch, max_batch
+        self.run_batch, self.max_batch, self.name = run_batch, max_batch, name  # name: the deployment's, for metrics
         self.lock = asyncio.Lock()  # the model: one computation at a time
         self._pending: list[tuple[Hashable, Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
@@ -58,6 +60,9 @@ class MicroBatcher:
                 batch = self._take()
                 if not batch:
                     continue
+                if self.name:
+                    metrics.record(metrics.SERVE_QUEUE_DEPTH, len(self._pending), deployment=self.name)
+                    metrics.record(metrics.SERVE_BATCH_SIZE, len(batch), deployment=self.name)
                 try:
                     results = await asyncio.to_thread(self.run_batch, [item for _, item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - the batch's callers get the error

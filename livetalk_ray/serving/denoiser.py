@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.diffusion.pipeline import AvatarPipeline, AvatarStream, LatentBlock, next_latents_many
 from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
@@ -116,7 +117,7 @@ class Denoiser:
     def __init__(self, cfg: dict, checkpoint: str | None) -> None:
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.core = DenoiserCore(self.cfg, checkpoint)
-        self.batcher = MicroBatcher(self.core.next_blocks, self.cfg.serve.batch_sessions)
+        self.batcher = MicroBatcher(self.core.next_blocks, self.cfg.serve.batch_sessions, "Denoiser")
         self.reaper: asyncio.Task | None = None
 
     def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
@@ -146,6 +147,10 @@ class Denoiser:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
         return {SESSIONS_METRIC: float(len(self.core.sessions))}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s): also refreshes the sessions gauge, reaps included."""
+        metrics.record(metrics.SERVE_SESSIONS, len(self.core.sessions), deployment="Denoiser")
 
 
 async def reap_forever(sessions: SessionTable, idle_s: float) -> None:

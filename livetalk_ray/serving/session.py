@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.serving.denoiser import SessionLost
 from livetalk_ray.serving.protocol import encode_block
@@ -169,12 +170,15 @@ class SessionDriver:
                 except StageLost as lost:
                     reprimes += 1
                     if reprimes > self.cfg.serve.max_reprimes:
+                        metrics.record(metrics.SERVE_SESSION_ERRORS, reason="session_lost")
                         await self.publish({"type": "error", "code": "session_lost", "message": str(lost)})
                         return
+                    metrics.record(metrics.SERVE_REPRIMES)
                     await self.publish({"type": "reprimed", "reason": str(lost), "count": reprimes})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a broken stage: the client hears about it, the server stays up
+            metrics.record(metrics.SERVE_SESSION_ERRORS, reason="internal")
             await self.publish({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
         finally:
             self.closed.set()
@@ -190,10 +194,12 @@ class SessionDriver:
                 await self._pace(t0)
                 audio = self._take_audio(needed - pushed)
                 pushed = needed
+                called = time.monotonic()
                 block, needed = await self.denoiser.call("next_block", s.session_id, audio)
+                metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
-                frames = asyncio.create_task(self.decoder.call("decode", s.session_id, block.index, block.latents))
+                frames = asyncio.create_task(self._decode(block))
                 if decoding is not None:
                     await self._publish_block(*decoding, fps)
                 decoding = (block, frames)
@@ -232,10 +238,19 @@ class SessionDriver:
         }
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.spec.created
+            metrics.record(metrics.SERVE_FIRST_FRAME_SECONDS, self.first_frame_s)
             await self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
         await self.publish(encode_block(header, jpegs, block.audio))
         self.blocks_published += 1
         self.frames_published += len(jpegs)
+        metrics.record(metrics.SERVE_BLOCKS)
+        metrics.record(metrics.SERVE_FRAMES, len(jpegs))
+
+    async def _decode(self, block) -> list[bytes]:
+        called = time.monotonic()
+        jpegs = await self.decoder.call("decode", self.spec.session_id, block.index, block.latents)
+        metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="decode")
+        return jpegs
 
     def _mark(self, name: str) -> None:
         """Seconds since the session was created at which the first block passed each step (the

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from livetalk_ray import metrics
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
@@ -69,7 +70,7 @@ class VAEDecoder:
     def __init__(self, cfg: dict) -> None:
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.core = DecoderCore(self.cfg)
-        self.batcher = MicroBatcher(self.core.decode_many, self.cfg.serve.batch_sessions)
+        self.batcher = MicroBatcher(self.core.decode_many, self.cfg.serve.batch_sessions, "VAEDecoder")
         self.reaper: asyncio.Task | None = None
 
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
@@ -89,3 +90,7 @@ class VAEDecoder:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
         return {SESSIONS_METRIC: float(len(self.core.sessions))}
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check (every 10 s): also refreshes the sessions gauge, reaps included."""
+        metrics.record(metrics.SERVE_SESSIONS, len(self.core.sessions), deployment="VAEDecoder")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig, PlateauConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.cursor import DataCursor
@@ -182,16 +183,19 @@ def train_loop(config: dict) -> None:
         mean_loss = loss_sum / accum
         plateau.update(mean_loss, step)
         train_seconds += now - tick
-        log.write(
-            {
-                "step": step,
-                "loss": mean_loss,
-                "lr": engine.lr,
-                "samples_per_s": micro * world * accum / (now - tick),
-                "epoch": cursor.epoch,
-                "train_s": train_seconds,
-            }
-        )
+        entry = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": engine.lr,
+            "samples_per_s": micro * world * accum / (now - tick),
+            "epoch": cursor.epoch,
+            "train_s": train_seconds,
+        }
+        log.write(entry)
+        if rank == 0:  # one series per run, like metrics.jsonl
+            metrics.record(metrics.TRAIN_STEP_SECONDS, now - tick, role=stage.name)
+            metrics.record(metrics.TRAIN_STEPS, role=stage.name)
+            metrics.record_training(stage.name, entry)
         if step % cfg.train.checkpoint_every == 0 or step == max_steps or plateau.stop:
             extra = {
                 "stage": stage.name,

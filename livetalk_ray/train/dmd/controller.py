@@ -27,6 +27,7 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.dmd.placement import RoleActors, start_roles
@@ -110,6 +111,7 @@ class Controller:
                 record["staleness"] = record["generator_version"] - used
                 record["done_s"] = time.perf_counter() - self.started
                 self.log.write(record)
+                metrics.record_training("dmd", record)
 
         while self.it < self.max_steps:
             record: dict = {"step": self.it + 1}

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.diffusion.flow import FlowSchedule
 from livetalk_ray.diffusion.sampler import StreamingSampler, guided_velocity, reference_condition
@@ -71,6 +72,14 @@ class _Role:
     def stats(self) -> dict[str, float]:
         return {"busy_seconds": self.busy_seconds}
 
+    def _busy(self, start: float, role: str, step: bool = False, waited: float = 0.0) -> None:
+        """Account one call's compute (minus time spent waiting on other roles) and export it."""
+        seconds = time.perf_counter() - start - waited
+        self.busy_seconds += seconds
+        metrics.record(metrics.TRAIN_STEP_SECONDS, seconds, role=role)
+        if step:
+            metrics.record(metrics.TRAIN_STEPS, role=role)
+
 
 def rollout(
     model: WanDiT, cfg: LiveTalkConfig, ref, text, audio, seed: int, exit_step: int, grad: bool
@@ -104,7 +113,7 @@ class TeacherScorer(_Role):
             self.model, x, tt, y, text, torch.zeros_like(text), audio, s.text_guidance, s.audio_guidance
         )
         out = self._x0(v, xt.to(self.device), tt).cpu()
-        self.busy_seconds += time.perf_counter() - start
+        self._busy(start, "teacher_score")
         return out
 
 
@@ -183,7 +192,7 @@ class CriticTrainer(_Trainer):
         """The fake score for one generator rank: the bare model, so no collective runs on this rank alone."""
         start = time.perf_counter()
         out = self._x0(self._v(self.model, xt, t, batch), xt.to(self.device), t.to(self.device)).cpu()
-        self.busy_seconds += time.perf_counter() - start
+        self._busy(start, "critic_score")
         return out
 
     def train_step(self, x: torch.Tensor, batch: Batch, seed: int) -> dict[str, float]:
@@ -194,7 +203,7 @@ class CriticTrainer(_Trainer):
         v = lambda xt, t: self._v(self.engine.module, xt, t, batch)  # noqa: E731
         loss = critic_loss(x.to(self.device), v, self.flow, gen, ref=ref)
         self.engine.backward_step(loss)
-        self.busy_seconds += time.perf_counter() - start
+        self._busy(start, "critic", step=True)
         return {"critic_loss": float(loss.detach()), "critic_step": self.engine.step}
 
 
@@ -228,7 +237,7 @@ class GeneratorTrainer(_Trainer):
         loss, stats = generator_loss(x.float(), remote_x0(teacher), remote_x0(critic), self.flow, gen, ref=ref)
         self.engine.backward_step(loss)
         self.model.train()  # the rollout's sampler switched to eval mode (no behavioural difference in WanDiT)
-        self.busy_seconds += time.perf_counter() - start - waited
+        self._busy(start, "generator", step=True, waited=waited)
         return {"generator_loss": float(loss.detach()), "generator_step": self.engine.step, **stats}
 
     @torch.no_grad()
@@ -278,5 +287,5 @@ class RolloutWorker(_Role):
         start = time.perf_counter()
         ref, text, audio = self.conditions(batch)
         x = rollout(self.model, self.cfg, ref, text, audio, seed, exit_step, grad=False).float().cpu()
-        self.busy_seconds += time.perf_counter() - start
+        self._busy(start, "rollout")
         return x, self.version
