@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from livetalk_ray.cli.data import data_app, demo_data
+from livetalk_ray.cli.job import job_app
 from livetalk_ray.cli.model import evaluate_command, export, generate, model_app
 from livetalk_ray.cli.monitor import monitor_command
 from livetalk_ray.cli.serve import loadtest_command, serve_command
@@ -15,6 +16,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
 app.add_typer(ode_app, name="ode")
+app.add_typer(job_app, name="job")
 app.command("generate")(generate)
 app.command("demo-data")(demo_data)
 app.command("export")(export)

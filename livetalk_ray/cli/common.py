@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config
 
@@ -44,8 +45,12 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        except Exception as exc:
+            # ConfigError first: the other error types live with the model stack (torch, transformers), whose
+            # import costs seconds; an exit or a plain config error must not pay for it.
+            if isinstance(exc, typer.Exit) or not (isinstance(exc, ConfigError) or isinstance(exc, _user_errors())):
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
