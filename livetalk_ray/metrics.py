@@ -60,6 +60,14 @@ SERVE_SESSION_ERRORS = MetricSpec(
     "livetalk_serve_session_errors", "counter", "Sessions ended by an error event", ("reason",)
 )
 
+SERVE_LLM_FIRST_SENTENCE_SECONDS = MetricSpec(
+    "livetalk_serve_llm_first_sentence_seconds", "histogram", "LLM: a user turn to the first sentence of the reply"
+)
+SERVE_LLM_SENTENCES = MetricSpec("livetalk_serve_llm_sentences", "counter", "LLM: reply sentences streamed")
+SERVE_SPEECH_SECONDS = MetricSpec(
+    "livetalk_serve_speech_seconds", "histogram", "Speech: seconds to synthesize one sentence"
+)
+
 # Training: every stage's loop (role = vae | teacher | ode) and the DMD roles and controller.
 TRAIN_STEP_SECONDS = MetricSpec(
     "livetalk_train_step_seconds", "histogram", "Seconds per optimizer step (or scoring call) of a role", ("role",)
@@ -84,6 +92,9 @@ ALL_METRICS = [
     SERVE_BATCH_SIZE,
     SERVE_REPRIMES,
     SERVE_SESSION_ERRORS,
+    SERVE_LLM_FIRST_SENTENCE_SECONDS,
+    SERVE_LLM_SENTENCES,
+    SERVE_SPEECH_SECONDS,
     TRAIN_STEP_SECONDS,
     TRAIN_STEPS,
     TRAIN_SAMPLES_PER_S,

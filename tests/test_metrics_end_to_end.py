@@ -1,7 +1,7 @@
 """Every `livetalk_*` metric family reaches a real Prometheus, and every panel of the Grafana dashboard draws
 data: Prometheus (started as `livetalk monitor` starts it) scrapes the test cluster while data curation,
-a teacher run, a DMD run and live sessions run — the sessions lose their Denoiser replica twice, so they are
-re-primed once and then end with an error."""
+a teacher run, a DMD run and live sessions run — one chats (LLM and speech), then both lose their Denoiser
+replica twice, so they are re-primed once and then end with an error."""
 
 from __future__ import annotations
 
@@ -85,9 +85,11 @@ def serve_sessions_losing_the_denoiser_twice() -> None:
             time.sleep(1)
         events: list[str] = []
 
-        def session() -> None:
+        def session(chat: bool) -> None:
             reply = httpx.post(base + "/v1/sessions", data={"portrait": "ada"}, timeout=120).json()
             with connect(base.replace("http", "ws") + reply["ws"]) as ws:
+                if chat:  # the LLM and Speech deployments' metrics
+                    ws.send(json.dumps({"type": "chat", "text": "Hello, who are you?"}))
                 while True:
                     message = ws.recv(timeout=120)
                     if isinstance(message, str):
@@ -95,9 +97,12 @@ def serve_sessions_losing_the_denoiser_twice() -> None:
                         if '"closed"' in message:
                             return
 
-        threads = [threading.Thread(target=session, daemon=True) for _ in range(2)]
+        threads = [threading.Thread(target=session, args=(chat,), daemon=True) for chat in (True, False)]
         for t in threads:
             t.start()
+        deadline = time.monotonic() + 120  # the reply is spoken before the Denoiser is lost
+        while time.monotonic() < deadline and not any('"speech"' in e for e in events):
+            time.sleep(1)
         for round_ in range(2):  # each kill costs every session one re-prime; the second one ends them
             time.sleep(8)
             denoiser = next(

@@ -24,7 +24,8 @@ def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
             try:
                 ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                time.sleep(1)
+                pass
+            time.sleep(0 if ready else 1)  # 503 while the models load
         assert ready, proc.communicate(timeout=30)[0] if proc.poll() is not None else "no /healthz in 300 s"
         assert "<canvas" in httpx.get(f"http://127.0.0.1:{port}/").text
         time.sleep(2)  # let the command print its ready line
@@ -32,8 +33,16 @@ def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output
         assert f"http://127.0.0.1:{port}" in output and "shutting down" in output
-        with socket.socket() as s:  # the port is free again: Serve's proxy is gone
-            s.bind(("127.0.0.1", port))
+        deadline = time.monotonic() + 30  # the port is free again once Ray has reaped Serve's proxy process
+        while True:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
     finally:
         if proc.poll() is None:
             proc.kill()

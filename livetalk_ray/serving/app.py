@@ -9,12 +9,14 @@ deployment for real clusters (Ray's own deployment options, by deployment name).
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
+from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import LiveTalkConfig, load_config
 from livetalk_ray.serving.denoiser import Denoiser
@@ -44,7 +46,12 @@ class LLM:
         self.chat.open(session_id, persona)
 
     async def reply(self, session_id: str, text: str):
+        asked, first = time.monotonic(), True
         async for sentence in self.chat.reply(session_id, text):
+            if first:
+                metrics.record(metrics.SERVE_LLM_FIRST_SENTENCE_SECONDS, time.monotonic() - asked)
+                first = False
+            metrics.record(metrics.SERVE_LLM_SENTENCES)
             yield sentence
 
     async def close(self, session_id: str) -> None:
@@ -62,7 +69,10 @@ class SpeechSynth:
         self.speech = Speech(config.serve.speech, config.audio.sample_rate)
 
     async def synthesize(self, text: str) -> np.ndarray:
-        return await asyncio.to_thread(self.speech.synthesize, text)
+        started = time.monotonic()
+        samples = await asyncio.to_thread(self.speech.synthesize, text)
+        metrics.record(metrics.SERVE_SPEECH_SECONDS, time.monotonic() - started)
+        return samples
 
     async def ping(self) -> bool:
         return True
