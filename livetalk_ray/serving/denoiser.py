@@ -110,30 +110,20 @@ class DenoiserCore:
         return self.sessions.close(session_id)
 
 
-class Denoiser:
-    """Serve deployment class (decorated in serving/app.py). Concurrent `next_block` calls of different
-    sessions are denoised together (serving/batching.py); priming runs between batches."""
+class SessionStage:
+    """What the stateful stage deployments (Denoiser, VAEDecoder) share: sessions on `core.sessions`, a
+    batcher over the core's batch function, idle reaping, and the numbers Serve and Prometheus read."""
 
-    def __init__(self, cfg: dict, checkpoint: str | None) -> None:
-        self.cfg = LiveTalkConfig.model_validate(cfg)
-        self.core = DenoiserCore(self.cfg, checkpoint)
-        self.batcher = MicroBatcher(self.core.next_blocks, self.cfg.serve.batch_sessions, "Denoiser")
+    name = ""  # the deployment's name, for metrics
+
+    def _setup(self, cfg: LiveTalkConfig, core, run_batch) -> None:
+        self.cfg, self.core = cfg, core
+        self.batcher = MicroBatcher(run_batch, cfg.serve.batch_sessions, self.name)
         self.reaper: asyncio.Task | None = None
 
     def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
         if self.reaper is None:
             self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
-
-    async def open(self, session_id: str, image: np.ndarray, prompt: str, seed: int) -> int:
-        self._start_reaper()
-        return await self.batcher.exclusive(self.core.open, session_id, image, prompt, seed)
-
-    async def set_prompt(self, session_id: str, prompt: str) -> None:
-        return await self.batcher.exclusive(self.core.set_prompt, session_id, prompt)
-
-    async def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
-        self._start_reaper()
-        return await self.batcher.submit(session_id, (session_id, samples))
 
     async def close(self, session_id: str) -> bool:
         return self.core.close(session_id)
@@ -150,7 +140,30 @@ class Denoiser:
 
     async def check_health(self) -> None:
         """Serve's periodic health check (every 10 s): also refreshes the sessions gauge, reaps included."""
-        metrics.record(metrics.SERVE_SESSIONS, len(self.core.sessions), deployment="Denoiser")
+        metrics.record(metrics.SERVE_SESSIONS, len(self.core.sessions), deployment=self.name)
+
+
+class Denoiser(SessionStage):
+    """Serve deployment class (decorated in serving/app.py). Concurrent `next_block` calls of different
+    sessions are denoised together (serving/batching.py); priming runs between batches."""
+
+    name = "Denoiser"
+
+    def __init__(self, cfg: dict, checkpoint: str | None) -> None:
+        config = LiveTalkConfig.model_validate(cfg)
+        core = DenoiserCore(config, checkpoint)
+        self._setup(config, core, core.next_blocks)
+
+    async def open(self, session_id: str, image: np.ndarray, prompt: str, seed: int) -> int:
+        self._start_reaper()
+        return await self.batcher.exclusive(self.core.open, session_id, image, prompt, seed)
+
+    async def set_prompt(self, session_id: str, prompt: str) -> None:
+        return await self.batcher.exclusive(self.core.set_prompt, session_id, prompt)
+
+    async def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
+        self._start_reaper()
+        return await self.batcher.submit(session_id, (session_id, samples))
 
 
 async def reap_forever(sessions: SessionTable, idle_s: float) -> None:

@@ -7,20 +7,16 @@ a stream begins.
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import numpy as np
 import torch
 from PIL import Image
 
-from livetalk_ray import metrics
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
-from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
-from livetalk_ray.serving.batching import MicroBatcher
-from livetalk_ray.serving.denoiser import SessionTable, reap_forever
+from livetalk_ray.serving.denoiser import SessionStage, SessionTable
 
 
 def jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -63,34 +59,17 @@ class DecoderCore:
         return self.sessions.close(session_id)
 
 
-class VAEDecoder:
+class VAEDecoder(SessionStage):
     """Serve deployment class (decorated in serving/app.py). Concurrent blocks of different sessions are
     decoded together (serving/batching.py)."""
 
+    name = "VAEDecoder"
+
     def __init__(self, cfg: dict) -> None:
-        self.cfg = LiveTalkConfig.model_validate(cfg)
-        self.core = DecoderCore(self.cfg)
-        self.batcher = MicroBatcher(self.core.decode_many, self.cfg.serve.batch_sessions, "VAEDecoder")
-        self.reaper: asyncio.Task | None = None
+        config = LiveTalkConfig.model_validate(cfg)
+        core = DecoderCore(config)
+        self._setup(config, core, core.decode_many)
 
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
-        if self.reaper is None:  # needs the replica's running event loop
-            self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
+        self._start_reaper()
         return await self.batcher.submit(session_id, (session_id, block_index, latents))
-
-    async def close(self, session_id: str) -> bool:
-        return self.core.close(session_id)
-
-    async def session_count(self) -> int:
-        return len(self.core.sessions)
-
-    async def batch_sizes(self) -> list[int]:
-        return self.batcher.batch_sizes
-
-    async def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
-        return {SESSIONS_METRIC: float(len(self.core.sessions))}
-
-    async def check_health(self) -> None:
-        """Serve's periodic health check (every 10 s): also refreshes the sessions gauge, reaps included."""
-        metrics.record(metrics.SERVE_SESSIONS, len(self.core.sessions), deployment="VAEDecoder")
