@@ -10,6 +10,7 @@ thread, so the event loop keeps answering health checks and cheap calls.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -26,7 +27,11 @@ class MicroBatcher:
         self.lock = asyncio.Lock()  # the model: one computation at a time
         self._pending: list[tuple[Hashable, Any, asyncio.Future]] = []
         self._worker: asyncio.Task | None = None
-        self.batch_sizes: list[int] = []  # of the last 1,000 batches, for metrics and benchmarks
+        self._sizes: deque[int] = deque(maxlen=1000)  # of the last 1,000 batches, for benchmarks and tests
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        return list(self._sizes)
 
     async def submit(self, key: Hashable, item: Any) -> Any:
         """Run `item` in the next batch that has no other item of `key` (a session id); returns its result."""
@@ -67,7 +72,7 @@ class MicroBatcher:
                     results = await asyncio.to_thread(self.run_batch, [item for _, item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - the batch's callers get the error
                     results = [exc] * len(batch)
-            self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+            self._sizes.append(len(batch))
             for (_, _, future), result in zip(batch, results, strict=True):
                 if future.done():
                     continue
