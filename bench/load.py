@@ -16,10 +16,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from livetalk_ray.cli.serve import wait_healthy
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -37,14 +36,7 @@ def main() -> None:
     cli = str(Path(sys.executable).with_name("livetalk"))
     server = subprocess.Popen([cli, "serve", "--port", str(port)], stdout=sys.stderr, stderr=sys.stderr)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:  # 503 until every stage has loaded its model
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        wait_healthy(url, timeout_s=600)
         load = [cli, "loadtest", "--url", url, "--sessions", str(args.sessions), "--minutes", str(args.minutes)]
         code = subprocess.run([*load, "--json", str(args.out)]).returncode  # prints the table, writes the JSON
     finally:

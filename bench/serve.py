@@ -137,17 +137,12 @@ def ttff_probe(base: str) -> float:
 def deploy(cfg, name: str) -> str:
     from ray import serve
 
+    from livetalk_ray.cli.serve import wait_healthy
     from livetalk_ray.serving.app import build_app
 
     serve.run(build_app(cfg, overrides=DEPLOYMENT), name=name, route_prefix=f"/{name}", blocking=False)
     base = f"{ORIGIN}/{name}"
-    while True:
-        try:
-            if httpx.get(base + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(base, timeout_s=600)
     one_session(base, 3, [None], 0)  # warm-up: first calls load kernels and caches
     return base
 

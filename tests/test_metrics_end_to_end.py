@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from livetalk_ray import metrics
 from livetalk_ray.cli import app
 from livetalk_ray.cli.monitor import query_range, ray_metrics_targets, start_prometheus, wait_ready
+from livetalk_ray.cli.serve import wait_healthy
 from livetalk_ray.config import load_config
 from livetalk_ray.data.pipeline import prepare
 from livetalk_ray.data.synthetic import write_random_shards
@@ -80,9 +81,7 @@ def serve_sessions_losing_the_denoiser_twice() -> None:
     serve.run(build_app(cfg, overrides=overrides), name="metrics", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and httpx.get(base + "/healthz", timeout=5).status_code != 200:
-            time.sleep(1)
+        wait_healthy(base, timeout_s=300)
         events: list[str] = []
 
         def session(chat: bool) -> None:

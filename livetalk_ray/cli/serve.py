@@ -37,7 +37,9 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _wait_healthy(url: str, timeout_s: float, stop: threading.Event) -> None:
+def wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
+    """Wait until the app at `url` answers /healthz with 200 (503 while its models load); `stop` ends the wait."""
+    stop = stop or threading.Event()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
         try:
@@ -84,7 +86,7 @@ def serve_command(
             serve.run(build_app(cfg, checkpoint), name=APP_NAME, route_prefix="/", blocking=False)
             shown = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
             url = f"http://{shown}:{s.port}"
-            _wait_healthy(url, ready_timeout, stop)
+            wait_healthy(url, ready_timeout, stop)
             if not stop.is_set():
                 console.print(f"[bold green]ready[/]: open {url}  ·  API docs {url}/docs  ·  Ctrl-C stops")
             stop.wait()

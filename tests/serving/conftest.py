@@ -4,9 +4,7 @@ shut down before the Ray tests of other packages need the CPUs it reserves)."""
 from __future__ import annotations
 
 import socket
-import time
 
-import httpx
 import pytest
 
 from livetalk_ray.config import load_config
@@ -27,6 +25,7 @@ def free_port() -> int:
 def server(ray_cluster):
     from ray import serve
 
+    from livetalk_ray.cli.serve import wait_healthy
     from livetalk_ray.serving.app import build_app
 
     port = free_port()
@@ -44,12 +43,6 @@ def server(ray_cluster):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, overrides=SMALL), name="livetalk", route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
+    wait_healthy(url, timeout_s=300)
     yield url
     serve.shutdown()

@@ -11,6 +11,7 @@ import httpx
 from ray import serve
 from websockets.sync.client import connect
 
+from livetalk_ray.cli.serve import wait_healthy
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.app import build_app
 
@@ -45,9 +46,7 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
     serve.run(build_app(cfg, overrides=overrides), name="scale", route_prefix="/scale", blocking=False)
     base = server + "/scale"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and httpx.get(base + "/healthz").status_code != 200:
-            time.sleep(1)
+        wait_healthy(base, timeout_s=300)
         assert denoiser_replicas() == 1
         stop = threading.Event()
 
