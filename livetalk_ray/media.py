@@ -22,7 +22,7 @@ class AudioError(ValueError):
 _SOUNDFILE_EXTS = {".wav", ".flac", ".ogg"}
 
 
-def _resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
+def resample_mono(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     """Band-limited resampling of a mono float32 signal through libswresample (no scipy/torchaudio)."""
     if sr == target:
         return x
@@ -77,7 +77,7 @@ def load_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
     if not finite.any():
         raise AudioError(f"audio file contains only NaN/inf samples: {path}")
     mono = np.where(finite, mono, 0.0).astype(np.float32)  # isolated bad samples become silence
-    return _resample_mono(mono, int(sr), sample_rate)
+    return resample_mono(mono, int(sr), sample_rate)
 
 
 class Mp4Writer:

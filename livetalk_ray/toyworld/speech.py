@@ -1,4 +1,4 @@
-"""Speech for toy clips: espeak-ng sentences when available, else a deterministic synthetic voice.
+"""Speech for toy clips: eSpeak NG sentences (livetalk_ray/espeak.py, from pip), else a deterministic synthetic voice.
 
 Both paths are a pure function of the seed, and both leave pauses between phrases, so the loudness
 envelope (which drives the rendered mouth) has real silences for a model to learn closed lips from.
@@ -6,13 +6,11 @@ envelope (which drives the rendered mouth) has real silences for a model to lear
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+from livetalk_ray import espeak
 
 SpeechEngine = Literal["auto", "espeak", "synthetic"]
 
@@ -82,7 +80,7 @@ _VOWELS = (
 
 
 def espeak_available() -> bool:
-    return shutil.which("espeak-ng") is not None
+    return espeak.available()
 
 
 def _fit(wave: np.ndarray, n: int) -> np.ndarray:
@@ -92,8 +90,6 @@ def _fit(wave: np.ndarray, n: int) -> np.ndarray:
 
 
 def _espeak(text: str | None, rng: np.random.Generator, seconds: float, sample_rate: int) -> np.ndarray:
-    from livetalk_ray.media import load_audio
-
     voice = f"{ESPEAK_VOICES[rng.integers(len(ESPEAK_VOICES))]}+{ESPEAK_VARIANTS[rng.integers(len(ESPEAK_VARIANTS))]}"
     speed = int(rng.integers(130, 186))  # words per minute
     pitch = int(rng.integers(25, 76))
@@ -107,14 +103,19 @@ def _espeak(text: str | None, rng: np.random.Generator, seconds: float, sample_r
             chosen.append(SENTENCES[order[len(chosen) % len(order)]])
         # SSML breaks: real pauses between sentences, so the envelope (and the mouth) rests.
         body = "".join(f'{s}<break time="{int(rng.integers(150, 550))}ms"/>' for s in chosen)
-        args = ["-m", f"<speak>{body}</speak>"]
+        wave = espeak.speak(
+            f"<speak>{body}</speak>",
+            voice=voice,
+            words_per_minute=speed,
+            pitch=pitch,
+            ssml=True,
+            sample_rate=sample_rate,
+            isolated=True,  # bit-identical per seed
+        )
     else:
-        args = [text]
-    with tempfile.TemporaryDirectory(prefix="toyspeech-") as tmp:
-        path = Path(tmp) / "speech.wav"
-        cmd = ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), *args]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
-        wave = load_audio(path, sample_rate)
+        wave = espeak.speak(
+            text, voice=voice, words_per_minute=speed, pitch=pitch, sample_rate=sample_rate, isolated=True
+        )
     wave = np.concatenate([np.zeros(int(lead * sample_rate), np.float32), wave])
     peak = float(np.abs(wave).max()) if len(wave) else 0.0
     return _fit(wave * (0.6 / peak if peak > 0 else 1.0), int(round(seconds * sample_rate)))
@@ -174,8 +175,8 @@ def synthesize_speech(
 ) -> np.ndarray:
     """Mono float32 speech of exactly `seconds` (padded with silence or trimmed), deterministic per seed.
 
-    engine="auto" uses espeak-ng when it is on PATH (voice, speed, pitch and sentences from the seed; `text`
-    overrides the sentences), else the synthetic voice, which ignores `text`. "espeak" requires espeak-ng.
+    engine="auto" uses eSpeak NG when it loads (voice, speed, pitch and sentences from the seed; `text`
+    overrides the sentences), else the synthetic voice, which ignores `text`. "espeak" requires it.
     """
     if seconds <= 0:
         raise ValueError(f"seconds must be positive, got {seconds}")
@@ -183,7 +184,7 @@ def synthesize_speech(
     use_espeak = engine == "espeak" or (engine == "auto" and espeak_available())
     if use_espeak:
         if not espeak_available():
-            raise RuntimeError("engine='espeak' but espeak-ng is not on PATH")
+            raise RuntimeError("engine='espeak' but eSpeak NG cannot be loaded: `pip install espeakng-loader`")
         return _espeak(text, rng, seconds, sample_rate)
     return _synthetic(rng, seconds, sample_rate)
 

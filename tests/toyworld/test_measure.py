@@ -50,18 +50,18 @@ def test_mouth_openness_tracks_truth_after_h264(clean_set: list[ClipInfo]) -> No
 
 def test_face_is_located(clean_set: list[ClipInfo]) -> None:
     # Measured here through H.264 (60 people): centre error median 0.5 px, 95th percentile 2.1 px;
-    # face half-width within 3 % (95th percentile).
-    info = clean_set[1]
-    frames, _, _ = read_clip(info.video)
-    truth = load_truth(info.truth)
-    ident = truth["identity"]
+    # face half-width within 3 % (95th percentile). Over all 12 clips: one clip alone can have a median near 1 px.
     errors, widths = [], []
-    for k in range(len(frames)):
-        g = face_geometry(frames[k])
-        assert g.ok
-        errors.append(np.hypot(g.cx - truth["head_centre_px"][k, 0], g.cy - truth["head_centre_px"][k, 1]))
-        widths.append(g.rx / (ident.face_rx * 64 * truth["head_scale"][k]))
-    assert np.median(errors) < 1.0 and max(errors) < 4.0
+    for info in clean_set:
+        frames, _, _ = read_clip(info.video)
+        truth = load_truth(info.truth)
+        ident = truth["identity"]
+        for k in range(len(frames)):
+            g = face_geometry(frames[k])
+            assert g.ok
+            errors.append(np.hypot(g.cx - truth["head_centre_px"][k, 0], g.cy - truth["head_centre_px"][k, 1]))
+            widths.append(g.rx / (ident.face_rx * 64 * truth["head_scale"][k]))
+    assert np.median(errors) < 1.0 and np.percentile(errors, 95) < 2.5 and max(errors) < 4.0
     assert np.abs(np.array(widths) - 1).max() < 0.06
 
 

@@ -12,7 +12,7 @@ from livetalk_ray.toyworld.speech import (
     synthesize_speech,
 )
 
-needs_espeak = pytest.mark.skipif(not espeak_available(), reason="espeak-ng is not on PATH")
+needs_espeak = pytest.mark.skipif(not espeak_available(), reason="eSpeak NG cannot be loaded")
 
 
 def _check_wave(wave: np.ndarray, seconds: float) -> None:
@@ -56,7 +56,7 @@ def test_espeak_speaks_given_text_then_pads() -> None:
 
 def test_espeak_engine_without_binary_fails_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(speech, "espeak_available", lambda: False)
-    with pytest.raises(RuntimeError, match="espeak-ng"):
+    with pytest.raises(RuntimeError, match="espeakng-loader"):
         synthesize_speech(None, 1, 1.0, engine="espeak")
     auto = synthesize_speech(None, 1, 1.0, engine="auto")
     assert np.array_equal(auto, synthesize_speech(None, 1, 1.0, engine="synthetic"))
