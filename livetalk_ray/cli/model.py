@@ -70,9 +70,14 @@ def model_import(
 
 @friendly_errors
 def generate(
-    image: Annotated[Path, typer.Option("--image", help="reference portrait (any format PIL reads)")],
-    audio: Annotated[Path, typer.Option("--audio", help="speech (wav/flac/mp3/m4a/...), resampled to 16 kHz")],
     out: Annotated[Path, typer.Option("--out", help="output .mp4")],
+    image: Annotated[
+        Path | None, typer.Option("--image", help="reference portrait (any format PIL reads); default: the demo's")
+    ] = None,
+    audio: Annotated[
+        Path | None,
+        typer.Option("--audio", help="speech (wav/flac/mp3/m4a/...), resampled to 16 kHz; default: the demo's"),
+    ] = None,
     text: Annotated[str, typer.Option("--text", help="motion-focused prompt")] = (
         "A person talks to the camera with natural lip movements and subtle head motion."
     ),
@@ -84,7 +89,13 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Stream a talking-head video block by block and write it as mp4 with the audio muxed in."""
+    from livetalk_ray.assets.demo import DEMO_PORTRAIT, DEMO_SPEECH
     from livetalk_ray.generate import run_generate
+
+    if image is None or audio is None:
+        shown = [name for name, given in (("portrait", image), ("speech", audio)) if given is None]
+        console.print(f"[dim]using the bundled demo {' and '.join(shown)} (--image / --audio choose your own)[/]")
+    image, audio = image or DEMO_PORTRAIT, audio or DEMO_SPEECH
 
     if checkpoint is not None and preset is None and config is None:
         cfg_file: Path | None = checkpoint / "config.yaml"
