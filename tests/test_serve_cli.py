@@ -1,5 +1,5 @@
 """`livetalk serve` as a user runs it: a real process that starts local Ray and the app, answers /healthz and
-the page, and exits cleanly (code 0, no Ray left behind) on SIGTERM."""
+the page, and exits cleanly (code 0, no Ray left behind) on SIGTERM; a start that cannot work ends with one line."""
 
 import os
 import signal
@@ -9,6 +9,82 @@ import sys
 import time
 
 import httpx
+import pytest
+
+from livetalk_ray.assets import TOY_DIR
+
+STAGES = {"Denoiser", "VAEDecoder", "LLM", "Speech"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "livetalk_ray.cli", "serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _port_free(port: int) -> bool:
+    """Nothing listens on the port (as a new server binds: SO_REUSEADDR, so closed connections don't count)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def test_port_in_use_is_one_line_with_the_fix():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _one_error_line(_serve("--port", str(port), timeout=60))
+    assert f"port {port} on 127.0.0.1 is in use" in line and f"--port {port + 1}" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("serve.speech.voice=zz-missing", "no voice 'zz-missing'"),
+        ("serve.llm.path=/nonexistent/model.gguf", "--set serve.llm.path=PATH"),
+        ("vae.path=/nonexistent/vae", "vae.path /nonexistent/vae does not exist"),
+    ],
+)
+def test_settings_that_cannot_work_fail_before_ray_starts(override, fragment):
+    started = time.monotonic()
+    line = _one_error_line(_serve("--port", str(_free_port()), "--set", override, timeout=60))
+    assert fragment in line
+    assert time.monotonic() - started < 30  # no Ray, no model: the check runs before either
+
+
+def test_a_stage_that_cannot_start_ends_with_one_line_naming_it(tmp_path):
+    """Only a replica can find this (a checkpoint file that is not one): the first failed start ends the command,
+    not Serve's retries, and Ray goes down with it."""
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text((TOY_DIR / "config.yaml").read_text())
+    (checkpoint / "model.safetensors").write_bytes(b"not a checkpoint")
+    port = _free_port()
+    started = time.monotonic()
+    line = _one_error_line(_serve("--port", str(port), "--checkpoint", str(checkpoint)))
+    assert line.startswith("error: the Denoiser stage could not start: ")
+    assert "not a safetensors or torch checkpoint" in line
+    assert time.monotonic() - started < 150
+    assert _port_free(port)  # Serve's proxy went down with Ray
 
 
 def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
@@ -19,30 +95,29 @@ def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     command = [sys.executable, "-m", "livetalk_ray.cli", "serve", "--port", str(port), "--set", "model.num_layers=2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        deadline, ready = time.monotonic() + 300, False
+        deadline, ready, waiting = time.monotonic() + 300, False, []
         while time.monotonic() < deadline and proc.poll() is None and not ready:
             try:
-                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+                reply = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                ready = reply.status_code == 200
+                if reply.status_code == 503 and reply.headers.get("content-type") == "application/json":
+                    waiting.append(reply.json()["waiting_for"])
             except httpx.HTTPError:
                 pass
             time.sleep(0 if ready else 1)  # 503 while the models load
         assert ready, proc.communicate(timeout=30)[0] if proc.poll() is not None else "no /healthz in 300 s"
         assert "<canvas" in httpx.get(f"http://127.0.0.1:{port}/").text
+        # While starting, /healthz named the stages not ready yet (the chat model alone loads for seconds).
+        assert waiting and all(stages and set(stages) <= STAGES for stages in waiting), waiting
         time.sleep(2)  # let the command print its ready line
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, output
         assert f"http://127.0.0.1:{port}" in output and "shutting down" in output
         deadline = time.monotonic() + 30  # the port is free again once Ray has reaped Serve's proxy process
-        while True:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1)
+        while not _port_free(port):
+            assert time.monotonic() < deadline, f"port {port} still in use 30 s after exit"
+            time.sleep(1)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import json
+import os
 import secrets
 import signal
+import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Annotated
@@ -19,11 +24,12 @@ from livetalk_ray.cli.common import (
     PresetOpt,
     SetOpt,
     console,
+    err_console,
     friendly_errors,
     ray_session,
     resolve_config,
 )
-from livetalk_ray.config import ConfigError
+from livetalk_ray.config import ConfigError, LiveTalkConfig
 
 APP_NAME = "livetalk"
 
@@ -37,20 +43,97 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def wait_healthy(url: str, timeout_s: float, stop: threading.Event | None = None) -> None:
-    """Wait until the app at `url` answers /healthz with 200 (503 while its models load); `stop` ends the wait."""
+def healthz(url: str) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of `url`/healthz; (0, {}) while nothing answers."""
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as reply:
+            return reply.status, json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, json.loads(exc.read() or b"{}")
+        except ValueError:
+            return exc.code, {}
+    except (OSError, ValueError):
+        return 0, {}
+
+
+def wait_healthy(
+    url: str, timeout_s: float, stop: threading.Event | None = None, on_wait=None, check_failed=None
+) -> None:
+    """Wait until the app at `url` answers /healthz with 200 (503 while its models load); `stop` ends the wait.
+
+    `on_wait(stages)` hears which stages are still starting; `check_failed()` may raise to end the wait early
+    (a stage that cannot start)."""
     stop = stop or threading.Event()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
+        if check_failed is not None:
+            check_failed()
+        code, body = healthz(url)
+        if code == 200:
+            return
+        if on_wait is not None:
+            on_wait(body.get("waiting_for") or ["HTTP proxy"])
         time.sleep(0.5)
     if not stop.is_set():
         raise ConfigError(f"the app did not answer {url}/healthz within {timeout_s:.0f} s (see `ray logs`)")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT does not count
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {host} is in use: stop what serves there, or pick another with --port {port + 1}"
+                ) from None
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host") from None
+
+
+def _preflight(cfg: LiveTalkConfig, local: bool) -> None:
+    """What can be checked on this machine before Ray starts: a second instead of a failed deploy. On a remote
+    cluster files live on its nodes, so only the replicas can check them (and `failed_stage` reports them)."""
+    _check_port_free(cfg.serve.host, cfg.serve.port)
+    if not local:
+        return
+    for key, value in (
+        ("vae.path", cfg.vae.path),
+        ("audio.path", cfg.audio.path),
+        ("text.path", cfg.text.path),
+        ("serve.llm.path", cfg.serve.llm.path if cfg.serve.llm.backend == "transformers" else None),
+    ):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{key} {value} does not exist: fix it with --set {key}=PATH (or leave it unset)")
+    if cfg.serve.llm.backend == "openai" and not cfg.serve.llm.endpoint:
+        raise ConfigError("serve.llm.endpoint is required with backend openai: --set serve.llm.endpoint=URL/v1")
+    from livetalk_ray.serving.speech import Speech, SpeechError
+
+    try:
+        Speech(cfg.serve.speech, cfg.audio.sample_rate)
+    except SpeechError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _stage_failure_check(app_name: str):
+    from livetalk_ray.serving.startup import failed_stage
+
+    def check() -> None:
+        failure = failed_stage(app_name)
+        if failure is None:
+            return
+        if not failure.user_error or os.environ.get("LIVETALK_DEBUG"):
+            err_console.print(failure.detail, highlight=False, markup=False)
+        if not failure.user_error:
+            err_console.print(f"[bold red]error:[/] {failure.line()}", highlight=False)
+            raise typer.Exit(1)
+        raise ConfigError(failure.line())
+
+    return check
 
 
 @friendly_errors
@@ -65,34 +148,54 @@ def serve_command(
     address: AddressOpt = None,
 ) -> None:
     """Serve live avatar sessions: the web page, the HTTP/WebSocket API and every deployment, on local Ray."""
+    cfg = resolve_config(preset, config, set_)
+    s = cfg.serve
+    s.host, s.port = host or s.host, s.port if port is None else port
+    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
+        raise ConfigError(f"--checkpoint {checkpoint} has no model.safetensors (a `livetalk export` directory)")
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    _preflight(cfg, local)  # before the imports below, which take seconds
+    import logging
+
     from ray import serve
 
     from livetalk_ray.serving.app import build_app
 
-    cfg = resolve_config(preset, config, set_)
-    s = cfg.serve
-    s.host, s.port = host or s.host, s.port if port is None else port
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's start-up INFO lines are not for users
     if s.token is None and not _loopback(s.host):
         s.token = secrets.token_urlsafe(24)
         console.print(f"bound beyond loopback: API token [bold]{s.token}[/] (Authorization: Bearer …)")
-    if checkpoint is not None and not (checkpoint / "model.safetensors").is_file():
-        raise ConfigError(f"--checkpoint {checkpoint} has no model.safetensors")
     stop = threading.Event()
     with ray_session(address):
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler
             signal.signal(sig, lambda *_: stop.set())
         try:
             serve.start(http_options={"host": s.host, "port": s.port})
-            serve.run(build_app(cfg, checkpoint), name=APP_NAME, route_prefix="/", blocking=False)
+            # Not waiting inside Serve: its wait ends only once every deployment runs or has failed all its
+            # retries (minutes, then a long traceback); here a stage that cannot start ends the wait at once.
+            target = serve.RunTarget(build_app(cfg, checkpoint), name=APP_NAME, route_prefix="/")
+            serve.run_many([target], wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
             shown = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
             url = f"http://{shown}:{s.port}"
-            wait_healthy(url, ready_timeout, stop)
+            with console.status("starting …") as status:
+                wait_healthy(
+                    url,
+                    ready_timeout,
+                    stop,
+                    on_wait=lambda stages: status.update(f"starting: waiting for {', '.join(stages)}"),
+                    check_failed=_stage_failure_check(APP_NAME),
+                )
             if not stop.is_set():
                 console.print(f"[bold green]ready[/]: open {url}  ·  API docs {url}/docs  ·  Ctrl-C stops")
             stop.wait()
             console.print("shutting down …")
-        finally:
-            serve.shutdown()
+            serve.shutdown()  # drains the sessions' replicas
+        except BaseException:
+            # Nothing to drain after a failed start: the local Ray ends with this command (ray_session), and a
+            # remote cluster loses only this app. serve.shutdown() would wait out the stateful replicas' drain.
+            if not local:
+                serve.delete(APP_NAME, _blocking=False)
+            raise
 
 
 @friendly_errors

@@ -165,15 +165,25 @@ class Ingress:
         metrics.record(metrics.SERVE_SESSIONS, len(self.sessions), deployment="Ingress")
 
     # ---------------------------------------------------------------- helpers
-    async def _stages_answer(self, timeout_s: float = 2.0) -> bool:
+    async def _stages_waiting(self, timeout_s: float = 1.0) -> list[str]:
+        """The stages that have not answered a call yet (still loading their models, or unable to start)."""
         h = self.handles
-        calls = [h["denoiser"].session_count.remote(), h["decoder"].session_count.remote()]
-        calls += [h["llm"].ping.remote(), h["speech"].ping.remote()]
-        try:
-            await asyncio.wait_for(asyncio.gather(*calls), timeout_s)
-            return True
-        except Exception:  # noqa: BLE001 - still starting (or broken): not ready either way
-            return False
+        calls = {
+            "Denoiser": h["denoiser"].session_count.remote(),
+            "VAEDecoder": h["decoder"].session_count.remote(),
+            "LLM": h["llm"].ping.remote(),
+            "Speech": h["speech"].ping.remote(),
+        }
+
+        async def answers(call) -> bool:
+            try:
+                await asyncio.wait_for(call, timeout_s)
+                return True
+            except Exception:  # noqa: BLE001 - still starting (or broken): not ready either way
+                return False
+
+        done = await asyncio.gather(*(answers(call) for call in calls.values()))
+        return [stage for stage, ok in zip(calls, done, strict=True) if not ok]
 
     def _auth(self, request: Request | WebSocket) -> None:
         token = self.cfg.serve.token
@@ -213,11 +223,12 @@ class Ingress:
     @app.get("/healthz")
     async def healthz(self) -> JSONResponse:
         """200 once every stage has answered a call (a load balancer, `livetalk serve` and the load test send
-        no session to an app whose models are still loading), 503 until then."""
+        no session to an app whose models are still loading), 503 until then, naming the stages not ready."""
         if not self.ready:
-            self.ready = await self._stages_answer()
-        if not self.ready:
-            return JSONResponse({"status": "starting"}, status_code=503)
+            waiting = await self._stages_waiting()
+            self.ready = not waiting
+            if waiting:
+                return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
         return JSONResponse({"status": "ok", "sessions": len(self.sessions)})
 
     @app.get("/", response_class=HTMLResponse)
