@@ -22,8 +22,10 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where samples become arrays: the fresh-process synthesiser stays light
+    import numpy as np
 
 # From speak_lib.h (stable since eSpeak 1.x).
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -118,16 +120,16 @@ class _Engine:
         self._seed_noise = getattr(lib, "espeak_ng_SetRandSeed", None)  # 1.52+; older builds use libc's rand()
         if self._seed_noise is not None:
             self._seed_noise.argtypes = [ctypes.c_long]
-        self._chunks: list[np.ndarray] = []
+        self._chunks: list[bytes] = []
         self._callback = _SynthCallback(self._collect)  # referenced here so it outlives every call
         lib.espeak_SetSynthCallback(self._callback)
 
     def _collect(self, wav, num_samples: int, _events) -> int:
         if num_samples > 0 and wav:
-            self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+            self._chunks.append(ctypes.string_at(wav, 2 * num_samples))  # int16, native byte order
         return 0  # 0: go on synthesising
 
-    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> np.ndarray:
+    def speak(self, text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> bytes:
         # By name first, then as a language (`en-gb+f3`), the order the espeak-ng program tries.
         by_language = _Voice(languages=voice.encode())
         if (
@@ -151,7 +153,7 @@ class _Engine:
         if status != _EE_OK or self.lib.espeak_Synchronize() != _EE_OK:
             raise EspeakError(f"eSpeak NG failed to speak {len(text)} characters (status {status})")
         chunks, self._chunks = self._chunks, []
-        return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+        return b"".join(chunks)
 
 
 _lock = threading.Lock()
@@ -175,13 +177,13 @@ def available() -> bool:
         return False
 
 
-def _speak_pcm(text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> tuple[np.ndarray, int]:
+def _speak_pcm(text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> tuple[bytes, int]:
     with _lock:
         engine = _get_engine()
         return engine.speak(text, voice, words_per_minute, pitch, ssml), engine.sample_rate
 
 
-def _speak_pcm_isolated(text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> tuple[np.ndarray, int]:
+def _speak_pcm_isolated(text: str, voice: str, words_per_minute: int, pitch: int, ssml: bool) -> tuple[bytes, int]:
     options = json.dumps({"voice": voice, "words_per_minute": words_per_minute, "pitch": pitch, "ssml": ssml})
     try:
         done = subprocess.run(
@@ -195,8 +197,7 @@ def _speak_pcm_isolated(text: str, voice: str, words_per_minute: int, pitch: int
     if done.returncode != 0:
         lines = done.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {done.returncode}"]
         raise EspeakError(lines[-1])
-    rate = int.from_bytes(done.stdout[:4], "little")
-    return np.frombuffer(done.stdout[4:], np.int16).copy(), rate
+    return done.stdout[4:], int.from_bytes(done.stdout[:4], "little")
 
 
 def speak(
@@ -215,9 +216,11 @@ def speak(
     (breaks, emphasis). Text is passed as data, never parsed as options. `isolated=True`: bit-identical output
     for identical inputs (a fresh process; see the module docstring).
     """
+    import numpy as np
+
     synthesize = _speak_pcm_isolated if isolated else _speak_pcm
     pcm, native = synthesize(text, voice, int(words_per_minute), int(pitch), ssml)
-    wave = pcm.astype(np.float32) / 32768.0
+    wave = np.frombuffer(pcm, "=i2").astype(np.float32) / 32768.0
     if sample_rate is not None and sample_rate != native and len(wave):
         from livetalk_ray.media import resample_mono  # PyAV: only when resampling, so the child process stays light
 
@@ -237,4 +240,4 @@ if __name__ == "__main__":  # the isolated synthesiser: options as JSON in argv[
     except EspeakError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
-    sys.stdout.buffer.write(rate.to_bytes(4, "little") + pcm.astype("<i2").tobytes())
+    sys.stdout.buffer.write(rate.to_bytes(4, "little") + pcm)  # native-endian int16, read on this machine
