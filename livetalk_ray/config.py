@@ -366,8 +366,13 @@ class ServeConfig(_Section):
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=64)
+    max_image_side: int = Field(default=8192, ge=64)  # either side, read from the header before decoding
+    max_image_aspect: float = Field(default=8.0, ge=1.0)  # long side / short side
     max_text_chars: int = Field(default=1000, ge=1)
     max_audio_message_s: float = Field(default=10.0, gt=0)  # one binary PCM message
+    max_queued_speech_s: float = Field(default=60.0, gt=0)  # speech waiting to be spoken, per session
+    # Browser pages allowed to open a session's WebSocket (scheme://host[:port]); the page's own origin always is.
+    allowed_origins: list[str] = Field(default_factory=list)
     messages_per_s: float = Field(default=20.0, gt=0)  # per connection, averaged over a 5 s burst
     llm: LLMConfig = Field(default_factory=LLMConfig)
     speech: SpeechConfig = Field(default_factory=SpeechConfig)

@@ -34,14 +34,28 @@ def load_reference_image(path: str | Path, height: int, width: int) -> torch.Ten
 
 
 def decode_reference_image(
-    data: bytes, height: int, width: int, name: str = "the upload", max_pixels: int = 64 * 2**20
+    data: bytes,
+    height: int,
+    width: int,
+    name: str = "the upload",
+    max_pixels: int = 64 * 2**20,
+    max_side: int = 16384,
+    max_aspect: float = 8.0,
 ) -> torch.Tensor:
-    """Encoded image bytes → [3, H, W] in [-1, 1]; refuses non-images, tiny images and pixel bombs (the
-    header is checked before any pixel is decoded)."""
+    """Encoded image bytes → [3, H, W] in [-1, 1]; refuses non-images, tiny images and pixel bombs: pixel count,
+    each side and the aspect ratio are read from the header before any pixel is decoded (a 1048576x8 PNG is
+    under any pixel cap, yet resizing it to cover a square costs gigabytes)."""
     try:
         with Image.open(io.BytesIO(data)) as raw:
-            if raw.width * raw.height > max_pixels:
-                raise ImageError(f"{name} is {raw.width}x{raw.height}: more than {max_pixels} pixels")
+            w, h = raw.width, raw.height
+            if w * h > max_pixels:
+                raise ImageError(f"{name} is {w}x{h}: more than {max_pixels} pixels")
+            if max(w, h) > max_side:
+                raise ImageError(f"{name} is {w}x{h}: a side is longer than {max_side} pixels")
+            if min(w, h) < 8:
+                raise ImageError(f"reference image {name} is too small ({w}x{h})")
+            if max(w, h) > max_aspect * min(w, h):
+                raise ImageError(f"{name} is {w}x{h}: more than {max_aspect:g} times as wide as high (or high as wide)")
             image = ImageOps.exif_transpose(raw).convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read {name} as an image: {exc}") from None

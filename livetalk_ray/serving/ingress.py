@@ -28,9 +28,34 @@ from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.models.image import ImageError, decode_reference_image
 from livetalk_ray.serving.portraits import portrait_png, portraits
 from livetalk_ray.serving.protocol import ProtocolError, decode_block, parse_client_audio, parse_client_text
-from livetalk_ray.serving.session import SessionDriver, SessionSpec, Stage
+from livetalk_ray.serving.session import SessionDriver, SessionSpec, SpeechBacklog, Stage
 
 app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
+# With a token, these need it too; the page, its script and /healthz stay open (a browser loads the page first).
+PROTECTED_PREFIXES = ("/v1/", "/docs", "/redoc", "/openapi.json")
+
+
+def token_ok(request: Request | WebSocket, token: str | None) -> bool:
+    """The bearer token (header, or `?token=` for a browser's WebSocket and <img>), compared in constant time as
+    bytes: any header or query value, ASCII or not, is a plain mismatch, never an error."""
+    if token is None:
+        return True
+    header = request.headers.get("authorization", "")
+    given = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else request.query_params.get("token")
+    return bool(given) and secrets.compare_digest(given.encode(), token.encode())
+
+
+@app.middleware("http")
+async def auth_before_body(request: Request, call_next):
+    """Refuse an unauthenticated call before its body is read (FastAPI parses forms and uploads before a route
+    runs, so the route's own check would come after a 8 MB upload was taken in)."""
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = path[len(root) :] if root and path.startswith(root) else path
+    token = getattr(request.app.state, "token", None)
+    if path.startswith(PROTECTED_PREFIXES) and not token_ok(request, token):
+        headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401, headers=headers)
+    return await call_next(request)
 
 
 async def _send_all(ws: WebSocket, subscriber) -> None:
@@ -95,6 +120,8 @@ class Live:
                     self.turns.put_nowait(parsed)
             except ProtocolError as exc:
                 await ws.send_json({"type": "error", "code": "bad_message", "message": str(exc)})
+            except SpeechBacklog as exc:
+                await ws.send_json({"type": "error", "code": "busy", "message": str(exc)})
             except asyncio.QueueFull:
                 await ws.send_json({"type": "error", "code": "busy", "message": "8 turns are already waiting"})
 
@@ -116,7 +143,7 @@ class Live:
 
     async def _speak(self, text: str) -> None:
         samples = await self.speech.call("synthesize", text)
-        self.driver.add_speech(samples)
+        await self.driver.add_speech_when_room(samples)
         await self.driver.publish(
             {"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate}
         )
@@ -158,7 +185,9 @@ class Ingress:
         self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech}
         self.sessions: dict[str, Live] = {}
         self.reaper: asyncio.Task | None = None
+        self.starting = 0  # sessions being created: counted against the cap before the first await
         self.ready = False  # every stage has answered once (see /healthz)
+        app.state.token = self.cfg.serve.token  # for the auth middleware, which runs before a body is read
 
     async def check_health(self) -> None:
         """Serve's periodic health check (every 10 s) also refreshes the sessions gauge."""
@@ -186,14 +215,17 @@ class Ingress:
         return [stage for stage, ok in zip(calls, done, strict=True) if not ok]
 
     def _auth(self, request: Request | WebSocket) -> None:
-        token = self.cfg.serve.token
-        if token is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else None
-        given = given or request.query_params.get("token")
-        if given is None or not secrets.compare_digest(given, token):
+        if not token_ok(request, self.cfg.serve.token):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _origin_ok(self, ws: WebSocket) -> bool:
+        """A browser page may open a session's WebSocket only from this server's own origin or an allowed one
+        (cross-site WebSocket hijacking); clients that send no Origin (not browsers) are not affected."""
+        origin = ws.headers.get("origin")
+        if origin is None:
+            return True
+        own = {f"http://{ws.headers.get('host', '')}", f"https://{ws.headers.get('host', '')}"}
+        return origin in own or origin in self.cfg.serve.allowed_origins
 
     def _live(self, session_id: str) -> "Live":
         live = self.sessions.get(session_id)
@@ -229,7 +261,7 @@ class Ingress:
             self.ready = not waiting
             if waiting:
                 return JSONResponse({"status": "starting", "waiting_for": waiting}, status_code=503)
-        return JSONResponse({"status": "ok", "sessions": len(self.sessions)})
+        return JSONResponse({"status": "ok"})  # no session count: /healthz answers anyone
 
     @app.get("/", response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
@@ -260,18 +292,22 @@ class Ingress:
         portrait: str | None = Form(None, description="or the name of a bundled portrait"),
         persona: str = Form("a friendly assistant", max_length=500),
         prompt: str = Form("A person talks to the camera.", max_length=500),
-        seed: int = Form(0),
+        seed: int = Form(0, ge=0, le=2**63 - 1),
     ) -> dict:
         self._auth(request)
         s = self.cfg.serve
-        if len(self.sessions) >= s.max_sessions:
+        if len(self.sessions) + self.starting >= s.max_sessions:  # checked and reserved with no await between
             raise HTTPException(503, f"this server holds {s.max_sessions} sessions", headers={"Retry-After": "10"})
-        pixels = await self._reference(image, portrait)
-        session_id = secrets.token_urlsafe(12)
-        spec = SessionSpec(session_id, pixels, persona.strip() or "a friendly assistant", prompt, seed)
-        live = Live(spec, self.cfg, self.handles)
-        await live.llm.call("open", session_id, spec.persona)
-        self.sessions[session_id] = live
+        self.starting += 1
+        try:
+            pixels = await self._reference(image, portrait)
+            session_id = secrets.token_urlsafe(12)
+            spec = SessionSpec(session_id, pixels, persona.strip() or "a friendly assistant", prompt, seed)
+            live = Live(spec, self.cfg, self.handles)
+            await live.llm.call("open", session_id, spec.persona)
+            self.sessions[session_id] = live
+        finally:
+            self.starting -= 1
         live.driver.start()
         self._ensure_reaper()
         base = f"{request.scope.get('root_path', '')}/v1/sessions/{session_id}"  # behind a route prefix too
@@ -296,8 +332,17 @@ class Ingress:
             data, name = await image.read(s.max_image_bytes + 1), image.filename or "the upload"
             if len(data) > s.max_image_bytes:
                 raise HTTPException(413, f"{name} is larger than {s.max_image_bytes} bytes")
-        try:
-            ref = decode_reference_image(data, v.height, v.width, name=name, max_pixels=s.max_image_pixels)
+        try:  # in a thread: a large image must not stall every other session on this event loop
+            ref = await asyncio.to_thread(
+                decode_reference_image,
+                data,
+                v.height,
+                v.width,
+                name=name,
+                max_pixels=s.max_image_pixels,
+                max_side=s.max_image_side,
+                max_aspect=s.max_image_aspect,
+            )
         except ImageError as exc:
             raise HTTPException(415 if "cannot read" in str(exc) else 400, str(exc)) from None
         return ((ref + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
@@ -340,6 +385,9 @@ class Ingress:
     @app.websocket("/v1/sessions/{session_id}/ws")
     async def websocket(self, ws: WebSocket, session_id: str) -> None:
         await ws.accept()  # then refuse with a close code a client can read (a refused handshake is a bare 403)
+        if not self._origin_ok(ws):
+            await ws.close(code=4403, reason="this page's origin may not open sessions (serve.allowed_origins)")
+            return
         try:
             self._auth(ws)
         except HTTPException as exc:

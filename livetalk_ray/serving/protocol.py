@@ -51,11 +51,16 @@ def decode_block(message: bytes) -> tuple[dict, list[bytes], np.ndarray]:
 
 
 def parse_client_text(raw: str, max_chars: int) -> dict:
-    """Validate one JSON text message from a client."""
+    """Validate one JSON text message from a client: bounded in size before parsing, and in depth."""
+    limit = 6 * max_chars + 1024  # the longest text, every character \u-escaped, plus the other fields
+    if len(raw) > limit:
+        raise ProtocolError(f"a text message may hold at most {limit} characters, got {len(raw)}")
     try:
         message = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"malformed JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise ProtocolError("JSON nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError('a message must be a JSON object with a string "type"')
     kind = message["type"]

@@ -33,6 +33,10 @@ class StageLost(RuntimeError):
     """A stage no longer holds the session: its replica died, or the session was reaped there."""
 
 
+class SpeechBacklog(RuntimeError):
+    """More speech than `serve.max_queued_speech_s` would be waiting to be spoken in one session."""
+
+
 @dataclass
 class SessionSpec:
     session_id: str
@@ -104,6 +108,7 @@ class SessionDriver:
         self.spec, self.cfg = spec, cfg
         self.denoiser, self.decoder = denoiser, decoder
         self.speech: deque[np.ndarray] = deque()
+        self.queued_samples = 0  # total length of `speech`, kept so the backlog check is O(1)
         self.subscribers: list[Subscriber] = []
         self.frames_made = 0  # over the whole session, across re-primes
         self.blocks_published = 0
@@ -116,12 +121,30 @@ class SessionDriver:
 
     # ---- inputs
     def add_speech(self, samples: np.ndarray) -> None:
-        """Queue speech; it starts at the next block the driver prepares."""
-        self.speech.append(np.asarray(samples, dtype=np.float32).reshape(-1))
+        """Queue speech; it starts at the next block the driver prepares. Refused (`SpeechBacklog`) past
+        `serve.max_queued_speech_s`: a client may not queue hours of audio faster than it is spoken."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        limit = self.cfg.serve.max_queued_speech_s
+        if self.queued_speech_s() + len(samples) / self.cfg.audio.sample_rate > limit:
+            raise SpeechBacklog(f"{self.queued_speech_s():.1f} s of speech are already waiting (limit {limit:g} s)")
+        self.speech.append(samples)
+        self.queued_samples += len(samples)
         self.last_activity = time.monotonic()
 
+    async def add_speech_when_room(self, samples: np.ndarray, poll_s: float = 0.1) -> None:
+        """`add_speech` for the server's own speech (chat replies): waits while the backlog is full."""
+        while True:
+            try:
+                self.add_speech(samples)
+                return
+            except SpeechBacklog:
+                too_long = len(samples) / self.cfg.audio.sample_rate > self.cfg.serve.max_queued_speech_s
+                if self.closed.is_set() or too_long:  # waiting could never help
+                    raise
+                await asyncio.sleep(poll_s)
+
     def queued_speech_s(self) -> float:
-        return sum(len(s) for s in self.speech) / self.cfg.audio.sample_rate
+        return self.queued_samples / self.cfg.audio.sample_rate
 
     def _take_audio(self, n: int) -> np.ndarray:
         out = np.zeros(max(n, 0), np.float32)  # silence where no speech is queued
@@ -135,6 +158,7 @@ class SessionDriver:
                 self.speech.popleft()
             else:
                 self.speech[0] = head[take:]
+        self.queued_samples -= filled
         return out
 
     # ---- outputs

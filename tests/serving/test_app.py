@@ -43,9 +43,11 @@ def read(ws, *, blocks: int, timeout: float = 120) -> tuple[list, list]:
 
 
 def test_page_health_and_openapi(server):
-    assert httpx.get(server + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server + "/healthz").json() == {"status": "ok"}  # nothing about sessions for anyone
     assert "<canvas" in httpx.get(server + "/").text and "onBlock" in httpx.get(server + "/app.js").text
-    paths = httpx.get(server + "/openapi.json").json()["paths"]
+    for path in ("/openapi.json", "/docs"):  # with a token set, the API description needs it too
+        assert httpx.get(server + path).status_code == 401
+    paths = httpx.get(server + "/openapi.json", headers=AUTH).json()["paths"]
     assert {"/v1/sessions", "/v1/sessions/{session_id}", "/v1/sessions/{session_id}/stream"} <= set(paths)
 
 
@@ -110,6 +112,12 @@ def png(size=(64, 64)) -> bytes:
         ({"image": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}, {}, AUTH, 413, "larger than"),
         ({"image": ("notes.txt", b"just some text", "text/plain")}, {}, AUTH, 415, "cannot read"),
         ({"image": ("tiny.png", png((4, 4)), "image/png")}, {}, AUTH, 400, "too small"),
+        # An aspect-ratio bomb: 24 KB and under the pixel cap, but covering a square from it costs gigabytes.
+        ({"image": ("thin.png", png((1048576, 8)), "image/png")}, {}, AUTH, 400, "longer than 8192"),
+        ({"image": ("strip.png", png((8000, 8)), "image/png")}, {}, AUTH, 400, "times as wide"),
+        ({"image": ("long.png", png((8300, 1100)), "image/png")}, {}, AUTH, 400, "longer than 8192"),
+        # Refused before the body is read (a middleware), whatever it holds.
+        ({"image": ("big.png", b"0" * 300_000, "image/png")}, {}, {}, 401, "token"),
         (None, {"portrait": "nobody"}, AUTH, 400, "unknown portrait"),
         (None, {}, AUTH, 400, "exactly one"),
         ({"image": ("a.png", png(), "image/png")}, {"portrait": "ada"}, AUTH, 400, "exactly one"),
@@ -120,6 +128,57 @@ def test_bad_session_requests_get_a_clear_4xx(server, files, data, headers, stat
     assert reply.status_code == status, reply.text
     assert words in reply.json()["detail"]
     assert httpx.get(server + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**70), "abc"])
+def test_seeds_outside_0_to_2_63_are_422(server, seed):
+    reply = httpx.post(server + "/v1/sessions", data={"portrait": "ada", "seed": seed}, headers=AUTH, timeout=60)
+    assert reply.status_code == 422 and "seed" in reply.text
+
+
+def test_any_token_bytes_are_a_plain_401(server):
+    for value in ("Bearer caf\u00e9".encode("latin-1"), b"Bearer \xff\xfe", "Bearer ünïcödé".encode()):
+        reply = httpx.get(server + "/v1/portraits", headers={"Authorization": value})
+        assert reply.status_code == 401, reply.text
+    assert httpx.get(server + "/v1/portraits", params={"token": "ünïcödé"}).status_code == 401
+    with pytest.raises(ConnectionClosed) as closed:
+        with connect(server.replace("http", "ws") + "/v1/sessions/x/ws?token=%C3%BC%FF") as ws:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 4401
+
+
+def test_websockets_from_foreign_pages_are_refused(server):
+    session = open_session(server)
+    with pytest.raises(ConnectionClosed) as closed:
+        with connect(ws_url(server, session), additional_headers={"Origin": "https://evil.example"}) as ws:
+            ws.recv(timeout=30)
+    assert closed.value.rcvd.code == 4403
+    with connect(ws_url(server, session), additional_headers={"Origin": server}) as ws:  # the page's own origin
+        blocks, _ = read(ws, blocks=1)
+        assert blocks
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def test_queued_speech_is_bounded_with_a_busy_event(server):
+    session = open_session(server)
+    ten_seconds = (0.1 * np.sin(np.arange(160_000) / 8)).astype("<i2").tobytes()  # under the 10 s message cap
+    with connect(ws_url(server, session)) as ws:
+        ws.send(json.dumps({"type": "audio_format", "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}))
+        for _ in range(8):  # 80 s against a 60 s backlog limit, at 5 messages/s
+            ws.send(ten_seconds)
+        busy, deadline = [], time.monotonic() + 60
+        while not busy and time.monotonic() < deadline:
+            message = ws.recv(timeout=60)
+            if isinstance(message, str) and json.loads(message)["type"] == "error":
+                event = json.loads(message)
+                assert event["code"] == "busy", event
+                busy.append(event["message"])
+        assert busy and "limit 60 s" in busy[0]
+        blocks, _ = read(ws, blocks=1)  # the session goes on
+        assert blocks
+    status = httpx.get(server + f"/v1/sessions/{session['session_id']}", headers=AUTH).json()
+    assert status["queued_speech_s"] <= 60.0
+    httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
 
 
 def test_unknown_sessions_and_missing_tokens_are_refused(server):
@@ -147,6 +206,8 @@ def test_bad_websocket_messages_get_error_events_and_the_session_goes_on(server)
         json.dumps({"type": "say", "text": ""}),
         json.dumps({"type": "say", "text": "x" * 5000}),
         json.dumps({"type": "audio_format", "encoding": "mp3", "sample_rate": 16000, "channels": 1}),
+        "[" * 3000 + "]" * 3000,  # within the size limit, deeper than any parser should follow
+        "[" * 100_000,  # past the size limit
     ]
     with connect(ws_url(server, session)) as ws:
         for message in bad:
@@ -161,6 +222,7 @@ def test_bad_websocket_messages_get_error_events_and_the_session_goes_on(server)
                 errors.append(json.loads(message)["message"])
         assert len(errors) == len(bad) + 2, errors
         assert "malformed JSON" in errors[0] and "unknown message type" in errors[2]
+        assert any("nested too deeply" in e for e in errors) and any("at most" in e for e in errors)
         assert any("audio_format" in e for e in errors) and any("16000 Hz" in e for e in errors)
         blocks, _ = read(ws, blocks=1)  # still streaming
         assert blocks
