@@ -354,7 +354,7 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # Bearer token for /v1 (and the page's API calls). None on loopback: no auth; None beyond loopback: a
-    # random token is generated and printed at start-up.
+    # random token is generated and written to a file only its owner reads. The replicas get `sha256:<hex>`.
     token: str | None = None
     session_idle_s: float = Field(default=300.0, gt=0)  # a session nobody reads or writes is released
     max_sessions: int = Field(default=32, ge=1)  # per ingress replica; more get 503

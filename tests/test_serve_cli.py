@@ -121,3 +121,14 @@ def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_generated_token_goes_to_a_file_only_its_owner_reads(tmp_path, monkeypatch):
+    from livetalk_ray.cli.serve import _write_token
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    path = _write_token("first-token")
+    path.chmod(0o644)
+    path = _write_token("second-token")  # rewritten, and private again
+    assert path == tmp_path / "run" / "serve-token" and path.read_text() == "second-token\n"
+    assert path.stat().st_mode & 0o777 == 0o600

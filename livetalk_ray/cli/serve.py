@@ -95,6 +95,17 @@ def _check_port_free(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}): check --host") from None
 
 
+def _write_token(token: str) -> Path:
+    """The generated token goes to a file only this user can read, never whole to the terminal (or its logs)."""
+    path = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".livetalk") / "serve-token"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(token + "\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+    return path
+
+
 def _preflight(cfg: LiveTalkConfig, local: bool) -> None:
     """What can be checked on this machine before Ray starts: a second instead of a failed deploy. On a remote
     cluster files live on its nodes, so only the replicas can check them (and `failed_stage` reports them)."""
@@ -164,7 +175,8 @@ def serve_command(
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's start-up INFO lines are not for users
     if s.token is None and not _loopback(s.host):
         s.token = secrets.token_urlsafe(24)
-        console.print(f"bound beyond loopback: API token [bold]{s.token}[/] (Authorization: Bearer …)")
+        where = _write_token(s.token)
+        console.print(f"bound beyond loopback: API token {s.token[:4]}… in {where} (Authorization: Bearer TOKEN)")
     stop = threading.Event()
     with ray_session(address):
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own SIGTERM handler

@@ -20,7 +20,7 @@ from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import LiveTalkConfig, load_config
 from livetalk_ray.serving.denoiser import Denoiser
-from livetalk_ray.serving.ingress import Ingress
+from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
@@ -94,6 +94,9 @@ def build_app(
     cfg: LiveTalkConfig, checkpoint: str | Path | None = None, overrides: dict[str, dict] | None = None
 ) -> serve.Application:
     cfg, checkpoint = with_embedded_weights(cfg, Path(checkpoint) if checkpoint else None)
+    if cfg.serve.token is not None and not cfg.serve.token.startswith("sha256:"):
+        cfg = cfg.model_copy(deep=True)
+        cfg.serve.token = token_digest(cfg.serve.token)  # deployment arguments are readable in Ray's store
     data, ckpt = cfg.model_dump(mode="json"), str(checkpoint) if checkpoint else None
 
     def deployment(cls, name: str):

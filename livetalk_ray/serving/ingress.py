@@ -14,6 +14,7 @@ LLM replicas, which hold the heavy state, are the ones that scale). With auth on
 
 # No `from __future__ import annotations`: FastAPI must see real classes (Request, UploadFile) in route signatures.
 import asyncio
+import hashlib
 import secrets
 import time
 from importlib import resources
@@ -35,14 +36,24 @@ app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (Live
 PROTECTED_PREFIXES = ("/v1/", "/docs", "/redoc", "/openapi.json")
 
 
-def token_ok(request: Request | WebSocket, token: str | None) -> bool:
-    """The bearer token (header, or `?token=` for a browser's WebSocket and <img>), compared in constant time as
-    bytes: any header or query value, ASCII or not, is a plain mismatch, never an error."""
-    if token is None:
+def token_digest(token: str) -> str:
+    """What the replicas hold instead of the token: Serve keeps deployment arguments in Ray's key-value store,
+    which anyone who reaches the cluster could read."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_ok(request: Request | WebSocket, expected: str | None) -> bool:
+    """The bearer token (header, or `?token=` for a browser's WebSocket and <img>) against `expected` (a token or
+    its `token_digest`), in constant time on bytes: any value, ASCII or not, is a plain mismatch, never an error."""
+    if expected is None:
         return True
     header = request.headers.get("authorization", "")
     given = header[len("Bearer ") :].strip() if header.startswith("Bearer ") else request.query_params.get("token")
-    return bool(given) and secrets.compare_digest(given.encode(), token.encode())
+    if not given:
+        return False
+    if expected.startswith("sha256:"):
+        return secrets.compare_digest(token_digest(given), expected)
+    return secrets.compare_digest(given.encode(), expected.encode())
 
 
 @app.middleware("http")

@@ -130,6 +130,20 @@ def test_bad_session_requests_get_a_clear_4xx(server, files, data, headers, stat
     assert httpx.get(server + "/healthz").status_code == 200
 
 
+def test_the_token_is_in_no_store_ray_lets_anyone_read(server):
+    """Serve keeps every deployment's arguments in Ray's key-value store: the replicas get a digest, not the token."""
+    from ray.experimental import internal_kv
+
+    seen = 0
+    for namespace in ("serve", "", None):
+        for key in internal_kv._internal_kv_list("", namespace=namespace):
+            value = internal_kv._internal_kv_get(key, namespace=namespace) or b""
+            assert TOKEN.encode() not in value, key
+            seen += 1
+    assert seen > 0  # Serve's checkpoints were there to read
+    assert httpx.get(server + "/v1/portraits", headers=AUTH).status_code == 200  # the digest still lets it in
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**70), "abc"])
 def test_seeds_outside_0_to_2_63_are_422(server, seed):
     reply = httpx.post(server + "/v1/sessions", data={"portrait": "ada", "seed": seed}, headers=AUTH, timeout=60)
