@@ -495,12 +495,29 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return keys, yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _section_keys(loc: tuple) -> list[str] | None:
+    """The keys of the config section at `loc` (a pydantic error location), or None if it is not a section."""
+    model: Any = LiveTalkConfig
+    for key in loc:
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return sorted(model.model_fields)
+
+
 def _format_validation_error(err: ValidationError) -> str:
-    lines = []
+    problems, unknown = [], {}  # unknown: section → its misspelt or unknown keys
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
-        lines.append(f"{where}: {e['msg']}")
-    return "invalid config: " + "; ".join(lines)
+        if e["type"] == "extra_forbidden" and _section_keys(e["loc"][:-1]) is not None:
+            unknown.setdefault(tuple(e["loc"][:-1]), []).append(where)
+        else:
+            problems.append(f"{where}: {e['msg']}")
+    for loc, keys in unknown.items():  # say which keys exist
+        section = ".".join(str(p) for p in loc) or "the config"
+        problems.append(f"unknown {', '.join(keys)} ({section} has {', '.join(_section_keys(loc) or [])})")
+    return "invalid config: " + "; ".join(problems)
 
 
 def load_config(

@@ -1,7 +1,8 @@
 """Shared pieces of the `livetalk` commands: options, config resolution, error handling, Ray sessions.
 
-User errors (bad preset, unreadable image or audio, wrong checkpoint, ...) end with one red line and exit
-code 2; anything else is a bug and keeps its traceback.
+User errors (bad preset, unreadable image or audio, wrong checkpoint, too few clips, ...) end with one red line
+and exit code 2, also when a Ray task, actor, Train worker or Data actor raised them (cli/errors.py); anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
-from rich.markup import escape
 
+from livetalk_ray.cli.errors import quiet_ray_console, report_user_error
 from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config
 
 console = Console()
@@ -28,29 +30,18 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. 
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")]
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from livetalk_ray.data.schema import SchemaError
-    from livetalk_ray.models.audio import AudioError
-    from livetalk_ray.models.checkpoint import CheckpointError
-    from livetalk_ray.models.image import ImageError
-    from livetalk_ray.models.vae import VAEError
-
-    return ConfigError, ImageError, AudioError, CheckpointError, VAEError, SchemaError, FileNotFoundError
-
-
 def friendly_errors(fn):
-    """Turn the known user errors into one clear line and a non-zero exit."""
+    """Turn the known user errors, raised here or in Ray, into one clear line and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.ClickException):
+            raise
         except Exception as exc:
-            # ConfigError first: the other error types live with the model stack (torch, transformers), whose
-            # import costs seconds; an exit or a plain config error must not pay for it.
-            if isinstance(exc, typer.Exit) or not (isinstance(exc, ConfigError) or isinstance(exc, _user_errors())):
+            if not report_user_error(exc, err_console):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -65,7 +56,10 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({exc}): start it (`ray start --head` on the head node), "
+            "pass the head's GCS address (HOST:6379) with --address, or leave --address out for a local Ray"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -84,7 +78,11 @@ def ray_session(address: str | None):
     try:
         ray.init(log_to_driver=False, logging_level="ERROR", **kwargs)
     except ConnectionError as exc:
-        raise ConfigError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {address} ({exc}): check that it runs the same Ray version "
+            "and auth mode (RAY_AUTH_MODE), or leave --address out for a local Ray"
+        ) from None
+    quiet_ray_console()
     try:
         yield
     finally:

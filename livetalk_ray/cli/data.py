@@ -37,7 +37,10 @@ def data_prepare(
 
     cfg = resolve_config(preset, config, set_)
     if not input.exists():
-        raise FileNotFoundError(f"--input {input} does not exist")
+        raise FileNotFoundError(
+            f"--input {input} does not exist: pass a directory of clips or a .jsonl/.parquet manifest "
+            "(`livetalk demo-data --out DIR` makes toy clips)"
+        )
     with ray_session(address):
         stats = prepare(cfg, input, out)
     reasons = ", ".join(f"{k} {v}" for k, v in stats["reasons"].items()) or "none"

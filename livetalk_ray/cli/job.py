@@ -202,7 +202,10 @@ def probe_job_server(url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise ConfigError(f"{not_ray} (HTTP {exc.code})") from None
     except (OSError, ValueError) as exc:  # refused, timed out, unknown host, TLS
         reason = getattr(exc, "reason", None) or exc
-        raise ConfigError(f"cannot reach the Ray job server at {url}: {reason}") from None
+        raise ConfigError(
+            f"cannot reach the Ray job server at {url}: {reason} (is the cluster up? pass its head's dashboard "
+            f"address, e.g. --address {DEFAULT_ADDRESS}, or set RAY_ADDRESS)"
+        ) from None
     if not isinstance(answer, dict) or key not in answer:
         raise ConfigError(not_ray)
     if answer.get("authentication_mode") == "token" and os.environ.get("RAY_AUTH_MODE") != "token":

@@ -29,6 +29,7 @@ from livetalk_ray.cli.common import (
     ray_session,
     resolve_config,
 )
+from livetalk_ray.cli.errors import debug_enabled
 from livetalk_ray.config import ConfigError, LiveTalkConfig
 
 APP_NAME = "livetalk"
@@ -137,7 +138,7 @@ def _stage_failure_check(app_name: str):
         failure = failed_stage(app_name)
         if failure is None:
             return
-        if not failure.user_error or os.environ.get("LIVETALK_DEBUG"):
+        if not failure.user_error or debug_enabled():
             err_console.print(failure.detail, highlight=False, markup=False)
         if not failure.user_error:
             err_console.print(f"[bold red]error:[/] {failure.line()}", highlight=False)

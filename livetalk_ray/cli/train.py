@@ -190,7 +190,7 @@ def ode_generate(
     if actors is not None:
         cfg.train.ode.actors = actors
     if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist")
+        raise FileNotFoundError(f"--data {data} does not exist: pass the --out directory of `livetalk data prepare`")
     cfg = absolute_paths(cfg)
     with ray_session(address):
         stats = generate_trajectories(cfg, data, out)

@@ -12,13 +12,14 @@ Always: clips_in = accepted + quarantined.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import time
 import traceback
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -27,10 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from livetalk_ray import metrics
-from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.config import ConfigError, LiveTalkConfig
 from livetalk_ray.data.curation import Rejected, prepare_clip
 from livetalk_ray.data.schema import QUARANTINE_SCHEMA, rows_to_table
 from livetalk_ray.data.sources import ClipSource, discover
+from livetalk_ray.errors import is_user_error
 
 RESULT_COLUMNS = ("clip_id", "shard", "status", "stage", "reason", "detail", "payload", "seconds")
 
@@ -94,10 +96,22 @@ class EncodeStage:
         from livetalk_ray.data.encode import ClipEncoder
 
         torch.set_num_threads(threads)
-        self.encoder = ClipEncoder(LiveTalkConfig.model_validate(cfg_json))
+        # A user error here (vae.path and the like) travels to the driver as a "failed" row, which ends the run
+        # with that error: an actor dying in its constructor would only be seen as its traceback's text (and
+        # Ray prints its readiness probe's failure), a failed batch would be dropped as worker_lost.
+        self.init_error: Exception | None = None
+        try:
+            self.encoder = ClipEncoder(LiveTalkConfig.model_validate(cfg_json))
+        except Exception as exc:
+            if not is_user_error(exc):
+                raise
+            self.init_error = exc
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = _rows(batch)
+        if self.init_error is not None:
+            failed = pickle.dumps(self.init_error)
+            return _columns([_result(r["clip_id"], r["shard"], "failed", payload=failed) for r in rows])
         passed = [row for row in rows if row["status"] != "curated"]  # quarantined rows pass through
         curated = [row for row in rows if row["status"] == "curated"]
         results = self._encode_rows(curated) if curated else []
@@ -152,8 +166,8 @@ class ShardAssembler:
             return False
         done_ids = json.loads(path.read_text())["clip_ids"]
         if done_ids != [s.clip_id for s in self.shards[k]]:
-            raise ValueError(
-                f"{self.out} was prepared from a different input (shard {k} differs); use a new --out directory"
+            raise ConfigError(
+                f"{self.out} was prepared from a different input (shard {k} differs): use a new --out directory"
             )
         return True
 
@@ -327,11 +341,15 @@ def prepare(
     items = _items(shards, todo)
     start = time.perf_counter()  # wall time of the work done by this run (0 when everything was done)
     if items:
-        results: Iterable[dict] = (
+        results: Generator[dict] = (
             run_with_ray(items, cfg) if local_threads is None else run_in_process(items, cfg, local_threads)
         )
-        with _progress(len(items), len(sources) - len(items), enabled=progress) as advance:
+        bar = _progress(len(items), len(sources) - len(items), enabled=progress)
+        # closing: a run that stops early ends Ray Data's iterator now, while Ray is still up.
+        with contextlib.closing(results), bar as advance:
             for result in results:
+                if result["status"] == "failed":
+                    raise pickle.loads(result["payload"])  # the encoders could not start: nothing would succeed
                 assembler.add(result)
                 advance(result["status"])
         assembler.finish()

@@ -29,7 +29,7 @@ def shard_files(directory: str | Path) -> list[Path]:
     shards = root / "shards" if (root / "shards").is_dir() else root
     files = sorted(shards.glob("*.parquet"))
     if not files:
-        raise SchemaError(f"no parquet shards under {shards}")
+        raise SchemaError(f"no parquet shards under {shards}: make them with `livetalk data prepare --out DIR`")
     return files
 
 
@@ -40,7 +40,9 @@ def check_shards(directory: str | Path, cfg: LiveTalkConfig) -> list[Path]:
         try:
             schema = pq.read_schema(f)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise SchemaError(f"{f} is not a readable parquet file: {exc}") from None
+            raise SchemaError(
+                f"{f} is not a readable parquet file ({exc}): remove it, or prepare the shards again"
+            ) from None
         check_schema(schema, cfg, str(f))
     return files
 

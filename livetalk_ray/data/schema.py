@@ -94,13 +94,19 @@ def check_schema(found: pa.Schema, cfg: LiveTalkConfig, where: str) -> None:
     meta = {k.decode(): v.decode() for k, v in (found.metadata or {}).items()}
     version = meta.get("livetalk.schema_version")
     if version != str(SCHEMA_VERSION):
-        raise SchemaError(f"{where}: schema version {version!r}, this reader understands {SCHEMA_VERSION}")
+        raise SchemaError(
+            f"{where}: schema version {version!r}, this reader understands {SCHEMA_VERSION}: "
+            "prepare the shards again with this version (`livetalk data prepare`)"
+        )
     expected = shard_schema(cfg)
     for f in expected:
         if f.name not in found.names:
-            raise SchemaError(f"{where}: column {f.name!r} is missing")
+            raise SchemaError(
+                f"{where}: column {f.name!r} is missing: prepare the shards again (`livetalk data prepare`)"
+            )
         if not found.field(f.name).type.equals(f.type):
             raise SchemaError(
                 f"{where}: column {f.name!r} is {found.field(f.name).type}, expected {f.type} "
-                f"(shards written for preset {meta.get('livetalk.preset')!r}, reading as {cfg.preset!r})"
+                f"(shards written for preset {meta.get('livetalk.preset')!r}, reading as {cfg.preset!r}): "
+                "read them with the config they were prepared with (its config.yaml), or prepare them for this one"
             )

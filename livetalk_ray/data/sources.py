@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from livetalk_ray.config import ConfigError
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 CAPTION_EXTENSIONS = {".json", ".txt"}
@@ -95,7 +97,7 @@ def _manifest_rows(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from None
+                raise ConfigError(f"{path}:{n} is not valid JSON ({exc}): fix that line of the manifest") from None
     return rows
 
 

@@ -209,7 +209,11 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> Literal["wan", "diffus
         for k in keys
     ):
         return "wan"
-    raise CheckpointError(f"unknown checkpoint layout (neither Wan nor diffusers); first keys: {keys[:4]}")
+    raise CheckpointError(
+        f"unknown checkpoint layout (neither Wan nor diffusers; first keys: {keys[:4]}): import the weights of a "
+        "Wan 2.1 DiT (LiveTalk, OmniAvatar, Self-Forcing or diffusers WanTransformer3DModel), not a VAE, text or "
+        "audio encoder; `livetalk model info --keys` lists the keys this model expects"
+    )
 
 
 def _diffusers_key(key: str) -> str:
@@ -276,9 +280,12 @@ def load_checkpoint(
     """Rebuild a model saved by `save_checkpoint`, strictly, without allocating random weights first."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
+        raise CheckpointError(f"checkpoint directory not found: {directory} (pass a checkpoints/step_NNNNNN directory)")
     if not (directory / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; not a livetalk-ray checkpoint")
+        raise CheckpointError(
+            f"{directory}: no {CONFIG_FILE}, so not a livetalk-ray checkpoint: pass a run's checkpoints/step_NNNNNN "
+            "directory, or turn released weights into one with `livetalk model import WEIGHTS --out DIR`"
+        )
     try:
         cfg = load_config(config_file=directory / CONFIG_FILE, overrides=overrides)
     except ConfigError as exc:
@@ -327,7 +334,10 @@ def import_weights(model: WanDiT, source_path: str | os.PathLike[str], *, use_em
         sd, target, [k for k in missing if k not in initialised], [k for k in unexpected if k not in ignored], adapted
     )
     if problem:
-        raise CheckpointError(f"{source_path} ({layout} layout) does not fit the model: {problem}")
+        raise CheckpointError(
+            f"{source_path} ({layout} layout) does not fit the model (use the --preset or --set model.* these "
+            f"weights were made for): {problem}"
+        )
     loaded = 0
     with torch.no_grad():
         for key, value in sd.items():

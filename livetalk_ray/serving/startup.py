@@ -12,39 +12,31 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Exception class names that mean the user must change a setting or a file; their messages say which.
-USER_ERROR_TYPES = frozenset(
-    {
-        "ConfigError",
-        "SpeechError",
-        "CheckpointError",
-        "VAEError",
-        "AudioError",
-        "ImageError",
-        "SchemaError",
-        "FileNotFoundError",
-        "EspeakError",
-    }
-)
-_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+from livetalk_ray.errors import USER_ERRORS
+
+# "package.module.SomeError: reason", the innermost exception of the replica's traceback. Serve nests the replica's
+# traceback inside a RuntimeError's message, so this reads lines, not chained exception segments.
+_EXCEPTION_LINE = re.compile(r"^((?:[\w]+\.)*\w*(?:Error|Exception)): (.+)$")
 _FAILED = ("DEPLOY_FAILED", "UNHEALTHY")
 
 
 @dataclass(frozen=True)
 class StageFailure:
     stage: str
-    error_type: str  # the exception class name, "" when Serve's message names none
+    error_type: str  # the exception's qualified class name, "" when Serve's message names none
     reason: str  # the exception's message, first line
     detail: str  # Serve's whole status message (the replica's traceback)
 
     @property
     def user_error(self) -> bool:
-        return self.error_type in USER_ERROR_TYPES
+        name = self.error_type if "." in self.error_type else f"builtins.{self.error_type}"
+        return name in USER_ERRORS
 
     def line(self) -> str:
         if self.user_error:
             return f"the {self.stage} stage could not start: {self.reason}"
-        cause = f"{self.error_type}: {self.reason}" if self.error_type else self.reason
+        short = self.error_type.rpartition(".")[2]
+        cause = f"{short}: {self.reason}" if short else self.reason
         return f"the {self.stage} stage could not start: {cause} (a bug: the replica's traceback is above)"
 
 

@@ -41,10 +41,7 @@ class DataCursor:
         self.global_batch = batch_size * world
         total = sum(self.rows_per_file)
         if total < self.global_batch:
-            raise SchemaError(
-                f"{total} clips in the shards, fewer than one global batch of {self.global_batch} "
-                f"({batch_size} per worker × {world} workers)"
-            )
+            raise SchemaError(too_few_clips(total, batch_size, world))
         self.steps_per_epoch = total // self.global_batch
         self.epoch, self.position = 0, 0  # position: global batches taken in this epoch
         self._order: tuple[int, np.ndarray] | None = None
@@ -88,3 +85,17 @@ class DataCursor:
         self.position += 1
         parts = [self._table(int(f)).take(pa.array([int(r)])) for f, r in picks]
         return table_to_batch(pa.concat_tables(parts))
+
+
+def too_few_clips(total: int, batch_size: int, world: int) -> str:
+    """The message for shards that cannot fill one global batch, with the settings that would."""
+    message = (
+        f"{total} clips in the shards, fewer than one global batch of {batch_size * world} "
+        f"({batch_size} per worker × {world} workers): "
+    )
+    if total == 0:
+        return message + "add clips (`livetalk data prepare` accepted none: see its quarantine.parquet)"
+    if total < world:
+        return message + f"train on --workers {total} with --set train.engine.micro_batch_per_worker=1, or add clips"
+    fit = total // world
+    return message + f"lower it with --set train.engine.micro_batch_per_worker={fit}, or add clips"

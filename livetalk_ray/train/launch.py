@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from livetalk_ray.config import ConfigError, LiveTalkConfig
+from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.engine import latest_checkpoint
 from livetalk_ray.train.loop import MetricsLog, following, load_stage, train_loop
 
@@ -42,16 +43,21 @@ def preflight(stage_name: str, cfg: LiveTalkConfig, data: Path, run_dir: Path, r
     if last is not None:
         saved = json.loads((last / "trainer.json").read_text()).get("stage")
         if saved not in (None, stage_name):
-            raise ConfigError(f"{run_dir} is a {saved} run, not a {stage_name} run")
+            raise ConfigError(f"{run_dir} is a {saved} run, not a {stage_name} run: choose a new --out")
     if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist")
-    stage.shard_files(data, cfg)  # schema and column checks
+        raise FileNotFoundError(
+            f"--data {data} does not exist: pass the --out directory of `livetalk data prepare` "
+            "(`livetalk ode generate` for the ode stage)"
+        )
+    files = stage.shard_files(data, cfg)  # schema and column checks
     if cfg.train.eval_data:
         from livetalk_ray.data.reader import check_shards
 
         check_shards(cfg.train.eval_data, cfg)
     if cfg.train.workers < 1:
-        raise ConfigError("train.workers must be at least 1")
+        raise ConfigError("train.workers must be at least 1 (--workers N)")
+    # The workers' own check, here in seconds rather than after the worker group started.
+    DataCursor(files, stage.columns(cfg), cfg.train.engine.micro_batch_per_worker, world=cfg.train.workers)
     return absolute_paths(cfg)
 
 
@@ -105,6 +111,24 @@ class StageInterrupted(RuntimeError):
     """A training run that ended (Ctrl-C, a worker group that gave up) before its last step."""
 
 
+def _stop_on_user_error():
+    """A Ray Train callback (it runs in the Train controller) that ends the run at a worker's user error (too few
+    clips, a checkpoint that does not fit): every restart would fail the same way, after train.max_failures
+    worker-group restarts. Ray Train retries a WorkerGroupError but not a ControllerError, which `fit()`
+    raises with the user error as its `controller_failure`."""
+    from ray.train import ControllerError, UserCallback
+
+    from livetalk_ray.errors import find_user_error
+
+    class StopOnUserError(UserCallback):
+        def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+            for exc in worker_exceptions.values():
+                if (found := find_user_error(exc)) is not None:
+                    raise ControllerError(found)
+
+    return StopOnUserError()
+
+
 def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Path) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -122,6 +146,7 @@ def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Pat
             storage_path=str(run_dir / "ray"),
             name=f"{stage_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[_stop_on_user_error()],
         ),
     )
     trainer.fit()

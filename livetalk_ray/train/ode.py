@@ -58,11 +58,17 @@ def trajectory_shards(directory: str | Path, cfg: LiveTalkConfig) -> list[Path]:
         if STATES not in schema.names:
             raise SchemaError(f"{f} has no {STATES!r} column: make trajectories with `livetalk ode generate`")
         if not schema.field(STATES).type.equals(want.type):
-            raise SchemaError(f"{f}: {STATES} is {schema.field(STATES).type}, expected {want.type}")
+            raise SchemaError(
+                f"{f}: {STATES} is {schema.field(STATES).type}, expected {want.type}: make the trajectories "
+                "again for this config (`livetalk ode generate`)"
+            )
         meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
         kept = json.loads(meta.get("livetalk.ode_timesteps", "[]"))
         if [round(t, 3) for t in kept] != [round(t, 3) for t in student_timesteps(cfg)]:
-            raise SchemaError(f"{f}: trajectories kept timesteps {kept}, the student uses {student_timesteps(cfg)}")
+            raise SchemaError(
+                f"{f}: trajectories kept timesteps {kept}, the student uses {student_timesteps(cfg)}: make them "
+                "again for this config (`livetalk ode generate`)"
+            )
     return files
 
 
@@ -193,11 +199,13 @@ def _run_makers(cfg: LiveTalkConfig, todo: list[Path], use_ray: bool):
         return
     import ray
 
+    from livetalk_ray.errors import defer_init_errors
+
     ode = cfg.train.ode
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows one bar
     items = [{"path": str(f.resolve()), "name": f.name} for f in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        TrajectoryMaker,
+        defer_init_errors(TrajectoryMaker),  # a teacher that does not load fails the first batch, one clear error
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json")},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=ode.actors),

@@ -134,3 +134,15 @@ def test_an_encoder_failure_quarantines_only_its_clip(prepared):
     )
     status = dict(zip(out["clip_id"], zip(out["status"], out["reason"], strict=True), strict=True))
     assert status == {"good": ("accepted", ""), "bad": ("quarantined", "encode_error")}
+
+
+def test_encoders_that_cannot_start_end_the_run_with_their_error(tmp_path):
+    """A user error in the encoder actor's constructor reaches the driver as itself (not as a dead actor, nor
+    as clips lost to worker_lost); here in process, the same stage functions as the actor pool runs."""
+    from livetalk_ray.models.vae import VAEError
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "broken.mp4").write_bytes(b"not a video")  # quarantined by decode, then passes the encoder
+    cfg = load_config("toy", overrides=[f"vae.path={tmp_path / 'no-vae'}"])
+    with pytest.raises(VAEError, match="VAE path not found"):
+        prepare(cfg, tmp_path / "in", tmp_path / "out", local_threads=1, progress=False)

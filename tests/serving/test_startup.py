@@ -29,7 +29,7 @@ def _app(status: str, deployments: dict[str, tuple[str, str]], message: str = ""
 
 def test_the_innermost_exception_names_the_reason():
     failure = parse_failure("Denoiser", RETRYING)
-    assert failure.error_type == "CheckpointError" and failure.user_error
+    assert failure.error_type == "livetalk_ray.models.checkpoint.CheckpointError" and failure.user_error
     assert failure.reason == "/c/model.safetensors: not a safetensors or torch checkpoint"
     assert failure.line() == (
         "the Denoiser stage could not start: /c/model.safetensors: not a safetensors or torch checkpoint"
@@ -48,6 +48,6 @@ def test_user_errors_end_the_start_at_once_and_bugs_after_serves_retries():
     retrying_bug = _app("DEPLOYING", {"Denoiser": ("UPDATING", BUG)})
     assert failure_in(retrying_bug) is None
     failed_bug = _app("DEPLOY_FAILED", {"Denoiser": ("DEPLOY_FAILED", BUG)})
-    assert failure_in(failed_bug).error_type == "ZeroDivisionError"
+    assert failure_in(failed_bug).error_type == "ZeroDivisionError" and not failure_in(failed_bug).user_error
     builder = _app("DEPLOY_FAILED", {}, "ValueError: bad application arguments")
     assert failure_in(builder).stage == "application"

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.errors import find_user_error
 from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.dmd.placement import RoleActors, start_roles
 from livetalk_ray.train.engine import CHECKPOINT_DIR
@@ -87,6 +88,8 @@ class Controller:
                 self._start()
                 return self._loop()
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                if find_user_error(exc) is not None:
+                    raise  # e.g. a checkpoint a role cannot load: every restart would fail the same way
                 failures += 1
                 event = {"time": time.time(), "step": self.it, "event": "role_failure", "detail": str(exc)[:500]}
                 with (self.run_dir / "events.jsonl").open("a") as f:  # never truncated by a resume
@@ -277,9 +280,13 @@ def run_dmd(
     for key in ("generator_checkpoint", "teacher_checkpoint"):
         path = getattr(cfg.train.dmd, key)
         if not path or not (Path(path) / "model.safetensors").is_file():
-            raise CheckpointError(f"train.dmd.{key} must name a checkpoint directory, got {path!r}")
+            option = "--generator" if key == "generator_checkpoint" else "--teacher"
+            raise CheckpointError(
+                f"train.dmd.{key} must name a checkpoint directory (with model.safetensors), got {path!r}: "
+                f"pass {option} runs/.../checkpoints/step_NNNNNN"
+            )
     if not Path(data).exists():
-        raise FileNotFoundError(f"--data {data} does not exist")
+        raise FileNotFoundError(f"--data {data} does not exist: pass the --out directory of `livetalk data prepare`")
     controller = Controller(cfg, Path(data).resolve(), run_dir, max_steps)
     if controller.latest() is not None and not resume:
         raise ConfigError(f"{run_dir} already holds {controller.latest().name}: pass --resume or choose a new --out")

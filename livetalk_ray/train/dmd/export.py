@@ -22,7 +22,10 @@ def generator_directory(path: str | Path) -> Path:
         else sorted(p.parent for p in (path / CHECKPOINT_DIR).glob("step_*/controller.json"))
     )
     if not steps:
-        raise CheckpointError(f"{path} holds no finished DMD checkpoint (no controller.json)")
+        raise CheckpointError(
+            f"{path} holds no finished DMD checkpoint (no controller.json): pass the --out of `livetalk train dmd`, "
+            "or one of its checkpoints/step_NNNNNN directories"
+        )
     inner = sorted((steps[-1] / "generator" / CHECKPOINT_DIR).glob("step_*"))
     if not inner:
         raise CheckpointError(f"{steps[-1]} has no generator checkpoint")
