@@ -121,9 +121,11 @@ def _preflight(cfg: LiveTalkConfig, local: bool) -> None:
     ):
         if value is not None and not Path(value).exists():
             raise ConfigError(f"{key} {value} does not exist: fix it with --set {key}=PATH (or leave it unset)")
-    if cfg.serve.llm.backend == "openai" and not cfg.serve.llm.endpoint:
-        raise ConfigError("serve.llm.endpoint is required with backend openai: --set serve.llm.endpoint=URL/v1")
+    from livetalk_ray.serving.llm import OpenAIBackend
     from livetalk_ray.serving.speech import Speech, SpeechError
+
+    if cfg.serve.llm.backend == "openai":
+        OpenAIBackend(cfg.serve.llm)  # the replica's own check of its settings (no request is sent)
 
     try:
         Speech(cfg.serve.speech, cfg.audio.sample_rate)
