@@ -361,6 +361,11 @@ class ServeConfig(_Section):
     lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
     blocks_in_flight: int = Field(default=2, ge=1, le=2)  # 2: decode of block k overlaps denoise of k+1
     max_reprimes: int = Field(default=3, ge=0)  # a session re-primed more often (lost replicas) ends
+    # A stage call of a streaming session (denoise, decode, prompt) not answered in this time counts as the
+    # replica losing the session (re-primed); opening one may wait for a replacement replica to load its model.
+    stage_timeout_s: float = Field(default=20.0, gt=0)
+    open_timeout_s: float = Field(default=180.0, gt=0)
+    viewer_buffer_blocks: int = Field(default=8, ge=1)  # blocks a viewer may leave unread before it is dropped
     # Sessions a Denoiser or VAEDecoder replica computes in one batch (cross-session batching); 1 = off.
     batch_sessions: int = Field(default=8, ge=1)
     jpeg_quality: int = Field(default=85, ge=10, le=100)

@@ -13,6 +13,8 @@ from livetalk_ray.config import LiveTalkConfig, load_config
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the same in every process of the test cluster
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics reach Prometheus within seconds
+# Serve's HTTP proxy ends a session's WebSocket properly when its Ingress replica dies (serving/proxy.py).
+os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "livetalk_ray.serving.proxy.proxy_middlewares")
 
 
 @pytest.fixture(scope="session")

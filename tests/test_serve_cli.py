@@ -1,6 +1,7 @@
 """`livetalk serve` as a user runs it: a real process that starts local Ray and the app, answers /healthz and
 the page, and exits cleanly (code 0, no Ray left behind) on SIGTERM; a start that cannot work ends with one line."""
 
+import ipaddress
 import os
 import signal
 import socket
@@ -8,8 +9,12 @@ import subprocess
 import sys
 import time
 
+import grpc
 import httpx
+import psutil
 import pytest
+from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+from ray.core.generated.gcs_service_pb2_grpc import NodeInfoGcsServiceStub
 
 from livetalk_ray.assets import TOY_DIR
 
@@ -87,12 +92,36 @@ def test_a_stage_that_cannot_start_ends_with_one_line_naming_it(tmp_path):
     assert _port_free(port)  # Serve's proxy went down with Ray
 
 
-def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
+def _listening(pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every TCP socket listening in `pid` and its descendants (Ray's GCS,
+    raylet, agents and workers are all started under the driver)."""
+    root = psutil.Process(pid)
+    procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    out = []
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in procs:
+            try:
+                name = procs[conn.pid].name()
+            except psutil.NoSuchProcess:
+                continue
+            out.append((conn.laddr.ip, conn.laddr.port, name))
+    return out
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address.removeprefix("::ffff:")).is_loopback
+
+
+def test_livetalk_serve_exposes_only_its_http_port_answers_and_stops_on_sigterm(tmp_path):
+    """`--host 0.0.0.0`: the HTTP port on every interface with a generated token, every Ray port on loopback only,
+    Ray's own token auth on (nothing in the environment turns it off); SIGTERM ends it in under 15 s."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "livetalk_ray.cli", "serve", "--port", str(port), "--set", "model.num_layers=2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # Ray's default: token auth
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    command = [sys.executable, "-m", "livetalk_ray.cli", "serve", "--host", "0.0.0.0", "--port", str(port)]
+    command += ["--set", "model.num_layers=2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline, ready, waiting = time.monotonic() + 300, False, []
@@ -109,11 +138,34 @@ def test_livetalk_serve_starts_answers_and_stops_on_sigterm(tmp_path):
         assert "<canvas" in httpx.get(f"http://127.0.0.1:{port}/").text
         # While starting, /healthz named the stages not ready yet (the chat model alone loads for seconds).
         assert waiting and all(stages and set(stages) <= STAGES for stages in waiting), waiting
+
+        token = (tmp_path / "run" / "serve-token").read_text().strip()
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/portraits").status_code == 401
+        auth = {"Authorization": f"Bearer {token}"}
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/portraits", headers=auth).status_code == 200
+
+        listening = _listening(proc.pid)
+        exposed = [(ip, p, name) for ip, p, name in listening if not _is_loopback(ip)]
+        assert len(listening) > 5 and [p for _, p, _ in exposed] == [port], exposed  # Ray: loopback only
+        # Ray's token auth is on: the GCS refuses a call without the token, or with a wrong one.
+        gcs = [p for ip, p, name in listening if name == "gcs_server"]
+        assert gcs, listening
+        for metadata in ([], [("authorization", "Bearer not-the-token")]):
+            with grpc.insecure_channel(f"127.0.0.1:{gcs[0]}") as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    NodeInfoGcsServiceStub(channel).GetAllNodeInfo(
+                        GetAllNodeInfoRequest(), metadata=metadata, timeout=10
+                    )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
         time.sleep(2)  # let the command print its ready line
+        stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
+        stopped_in = time.monotonic() - stopping
         assert proc.returncode == 0, output
-        assert f"http://127.0.0.1:{port}" in output and "shutting down" in output
+        assert stopped_in < 15, (stopped_in, output)
+        assert "shutting down" in output and token not in output and f"{token[:4]}…" in output
         deadline = time.monotonic() + 30  # the port is free again once Ray has reaped Serve's proxy process
         while not _port_free(port):
             assert time.monotonic() < deadline, f"port {port} still in use 30 s after exit"

@@ -62,18 +62,35 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def loopback_only_ray() -> None:
+    """Make a Ray started by this process a single-node cluster on 127.0.0.1: its GCS, raylet, workers, agents
+    and metrics exporters then listen on loopback only. Ray binds them to the node address, and resolves
+    "127.0.0.1" to the machine's network address unless cluster mode is off (its single-machine setting, read
+    from this variable at import and inherited by every Ray process this one starts)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # `ray` may have been imported before the variable was set
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None):
-    """Connect to a cluster at `address`, or start a local Ray for the duration of the command."""
+    """Connect to a cluster at `address`, or start a local Ray for the duration of the command: loopback only,
+    with Ray's default token auth (`RAY_AUTH_MODE` from the environment, if set, wins)."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local runs; clusters set their own auth mode
     if address and address != "auto" and not address.startswith("ray://"):
         _check_reachable(address)  # ray.init would retry an unreachable GCS for minutes
     address = address or os.environ.get("RAY_ADDRESS")  # set for `ray job submit` entrypoints
+    if not address:
+        loopback_only_ray()
+        from livetalk_ray.serving.proxy import PROXY_CALLBACK_ENV
+
+        for key, value in PROXY_CALLBACK_ENV.items():  # read by Serve's HTTP proxy, if this command starts Serve
+            os.environ.setdefault(key, value)
     kwargs = {"address": address} if address else {"include_dashboard": False}
     try:
         ray.init(log_to_driver=False, logging_level="ERROR", **kwargs)

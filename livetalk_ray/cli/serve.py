@@ -150,6 +150,21 @@ def _stage_failure_check(app_name: str):
     return check
 
 
+def _end_sessions(serve, app_name: str, within_s: float = 8.0) -> None:
+    """Tell the Ingress replicas to end their sessions (viewers get `closed` and close code 1001, not a dropped
+    connection), instead of Serve's drain, which waits for every WebSocket to end by itself. A handle reaches one
+    replica per call, so calls go on until replicas keep answering that they had none left."""
+    handle = serve.get_deployment_handle("Ingress", app_name)
+    deadline, quiet = time.monotonic() + within_s, 0
+    while quiet < 3 and time.monotonic() < deadline:
+        try:
+            left_s = max(deadline - time.monotonic(), 0.1)
+            ended = handle.end_sessions.remote("server_shutdown").result(timeout_s=left_s)
+        except Exception:  # noqa: BLE001 - an Ingress that cannot answer has nobody left to tell
+            return
+        quiet = quiet + 1 if ended == 0 else 0
+
+
 @friendly_errors
 def serve_command(
     host: Annotated[str | None, typer.Option("--host", help="bind address (beyond loopback: token auth)")] = None,
@@ -204,7 +219,9 @@ def serve_command(
                 console.print(f"[bold green]ready[/]: open {url}  ·  API docs {url}/docs  ·  Ctrl-C stops")
             stop.wait()
             console.print("shutting down …")
-            serve.shutdown()  # drains the sessions' replicas
+            _end_sessions(serve, APP_NAME)
+            if not local:  # the cluster stays up for its other apps; locally, Ray ends with this command
+                serve.delete(APP_NAME)
         except BaseException:
             # Nothing to drain after a failed start: the local Ray ends with this command (ray_session), and a
             # remote cluster loses only this app. serve.shutdown() would wait out the stateful replicas' drain.

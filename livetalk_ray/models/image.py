@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,12 @@ def decode_reference_image(
             if max(w, h) > max_aspect * min(w, h):
                 raise ImageError(f"{name} is {w}x{h}: more than {max_aspect:g} times as wide as high (or high as wide)")
             image = ImageOps.exif_transpose(raw).convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot read {name} as an image: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {name} as an image: not a PNG, JPEG, WebP, GIF, BMP or TIFF file") from None
+    except (OSError, Image.DecompressionBombError) as exc:  # the reason, without the in-memory object's address
+        raise ImageError(
+            f"cannot read {name} as an image: {re.sub(r' (at|of) 0x[0-9a-fA-F]+', '', str(exc))}"
+        ) from None
     if min(image.size) < 8:
         raise ImageError(f"reference image {name} is too small ({image.width}x{image.height})")
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)

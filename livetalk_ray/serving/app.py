@@ -19,9 +19,10 @@ from ray.serve.config import RequestRouterConfig
 from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import LiveTalkConfig, load_config
-from livetalk_ray.serving.denoiser import Denoiser
+from livetalk_ray.serving.denoiser import Denoiser, replica_actor_name
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
+from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
@@ -39,11 +40,12 @@ class LLM:
     """Chat with memory per session (serving/llm.py); sticky, so a session's history stays on one replica."""
 
     def __init__(self, cfg: dict) -> None:
+        bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         self.chat = Chat(config.serve.llm, config.runtime)
 
-    async def open(self, session_id: str, persona: str) -> None:
-        self.chat.open(session_id, persona)
+    async def open(self, session_id: str, persona: str, history: list[tuple[str, str]] = ()) -> None:
+        self.chat.open(session_id, persona, history)
 
     async def reply(self, session_id: str, text: str):
         asked, first = time.monotonic(), True
@@ -57,6 +59,9 @@ class LLM:
     async def close(self, session_id: str) -> None:
         self.chat.close(session_id)
 
+    async def replica_name(self) -> str:
+        return replica_actor_name()
+
     async def ping(self) -> bool:  # the Ingress's readiness check: the model is loaded once this answers
         return True
 
@@ -65,6 +70,7 @@ class SpeechSynth:
     """Text → 16 kHz speech (serving/speech.py); stateless, any replica will do."""
 
     def __init__(self, cfg: dict) -> None:
+        bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         self.speech = Speech(config.serve.speech, config.audio.sample_rate)
 

@@ -10,6 +10,7 @@ and the caller re-primes the session from its reference image. Idle sessions are
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.diffusion.pipeline import AvatarPipeline, AvatarStream, LatentBlock, next_latents_many
 from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
 from livetalk_ray.serving.batching import MicroBatcher
+from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 
 
 class SessionLost(KeyError):
@@ -123,13 +125,32 @@ class SessionStage:
 
     def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
         if self.reaper is None:
-            self.reaper = asyncio.create_task(reap_forever(self.core.sessions, self.cfg.serve.session_idle_s))
+            idle_s = self.cfg.serve.session_idle_s
+            self.reaper = asyncio.create_task(reap_forever(self.core.sessions, idle_s, self._memory_back))
 
     async def close(self, session_id: str) -> bool:
-        return self.core.close(session_id)
+        closed = self.core.close(session_id)
+        self._memory_back()
+        return closed
+
+    def _memory_back(self) -> None:
+        """Give the memory of ended sessions back to the system, once per burst of releases (a second after the
+        first): freed tensors stay in the allocator's arenas otherwise, and the replica keeps its peak size."""
+        if getattr(self, "_trim_pending", False):
+            return
+        self._trim_pending = True
+
+        def trim() -> None:
+            self._trim_pending = False
+            release_free_memory()
+
+        asyncio.get_running_loop().call_later(1.0, trim)
 
     async def session_count(self) -> int:
         return len(self.core.sessions)
+
+    async def replica_name(self) -> str:
+        return replica_actor_name()
 
     async def batch_sizes(self) -> list[int]:
         return self.batcher.batch_sizes
@@ -150,6 +171,7 @@ class Denoiser(SessionStage):
     name = "Denoiser"
 
     def __init__(self, cfg: dict, checkpoint: str | None) -> None:
+        bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         core = DenoiserCore(config, checkpoint)
         self._setup(config, core, core.next_blocks)
@@ -166,8 +188,26 @@ class Denoiser(SessionStage):
         return await self.batcher.submit(session_id, (session_id, samples))
 
 
-async def reap_forever(sessions: SessionTable, idle_s: float) -> None:
+async def reap_forever(sessions: SessionTable, idle_s: float, on_reaped=lambda: None) -> None:
     """Release sessions nobody has touched for `idle_s` (a client that vanished without DELETE)."""
     while True:
         await asyncio.sleep(min(idle_s, 30.0))
-        sessions.reap(idle_s)
+        if sessions.reap(idle_s):
+            on_reaped()
+
+
+def replica_actor_name() -> str:
+    """The Ray actor name of this Serve replica (callers check with it that the replica holding a session lives)."""
+    from ray import serve
+
+    return serve.get_replica_context().replica_id.to_full_id_str()
+
+
+def release_free_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise) and the CUDA cache to the driver."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

@@ -17,10 +17,11 @@ import asyncio
 import hashlib
 import secrets
 import time
+from collections import deque
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
@@ -28,8 +29,24 @@ from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.models.image import ImageError, decode_reference_image
 from livetalk_ray.serving.portraits import portrait_png, portraits
-from livetalk_ray.serving.protocol import ProtocolError, decode_block, parse_client_audio, parse_client_text
-from livetalk_ray.serving.session import SessionDriver, SessionSpec, SpeechBacklog, Stage
+from livetalk_ray.serving.protocol import (
+    ProtocolError,
+    close_code,
+    decode_block,
+    error_event,
+    parse_client_audio,
+    parse_client_text,
+)
+from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
+from livetalk_ray.serving.session import (
+    RELEASE_TIMEOUT_S,
+    SessionDriver,
+    SessionSpec,
+    SpeechBacklog,
+    Stage,
+    StageLost,
+    block_seconds,
+)
 
 app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
 # With a token, these need it too; the page, its script and /healthz stay open (a browser loads the page first).
@@ -69,16 +86,34 @@ async def auth_before_body(request: Request, call_next):
     return await call_next(request)
 
 
+SEND_TIMEOUT_S = 10.0  # a viewer whose connection takes no message for this long is dropped (too_slow)
+STAGE_NAMES = {"denoiser": "Denoiser", "decoder": "VAEDecoder", "llm": "LLM", "speech": "Speech"}
+
+
 async def _send_all(ws: WebSocket, subscriber) -> None:
+    """A session's blocks and events to one WebSocket, until its `closed` event (then the close code that says
+    why) or until the connection stops taking messages."""
     while True:
         item = await subscriber.get()
-        if isinstance(item, bytes):
-            await ws.send_bytes(item)
-        else:
-            await ws.send_json(item)
-            if item["type"] == "closed":
-                await ws.close()
-                return
+        try:
+            if isinstance(item, bytes):
+                await asyncio.wait_for(ws.send_bytes(item), SEND_TIMEOUT_S)
+                continue
+            await asyncio.wait_for(ws.send_json(item), SEND_TIMEOUT_S)
+        except TimeoutError:
+            metrics.record(metrics.SERVE_SESSION_ERRORS, reason="too_slow")
+            await _close(ws, 4408, "this viewer took no message for too long")
+            return
+        if item["type"] == "closed":
+            await _close(ws, close_code(item), item.get("reason", "ended"))
+            return
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    try:
+        await asyncio.wait_for(ws.close(code=code, reason=reason[:120]), SEND_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - the client is gone already: nothing left to tell it
+        pass
 
 
 class Live:
@@ -87,10 +122,17 @@ class Live:
     def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
         self.spec, self.cfg = spec, cfg
         sid = spec.session_id
-        stages = {name: Stage(name, handle, sid) for name, handle in handles.items()}
+        probe_after_s = block_seconds(cfg)  # a lost replica is noticed within two block times
+        stages = {name: Stage(STAGE_NAMES[name], handle, sid, probe_after_s) for name, handle in handles.items()}
         self.llm, self.speech = stages["llm"], stages["speech"]
         self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
         self.turns: asyncio.Queue = asyncio.Queue(maxsize=8)
+        # What was said, kept here too: an LLM replica that dies takes its copy along (re-sent to the next one).
+        self.history: deque[tuple[str, str]] = deque(maxlen=cfg.serve.llm.history_turns)
+        self.talker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.driver.start()
         self.talker = asyncio.create_task(self._talk())
 
     def status(self) -> dict:
@@ -102,6 +144,7 @@ class Live:
             "first_frame_s": d.first_frame_s,
             "queued_speech_s": d.queued_speech_s(),
             "viewers": len(d.subscribers),
+            "reprimes": d.reprimes,
             "closed": d.closed.is_set(),
         }
 
@@ -126,46 +169,87 @@ class Live:
                 if parsed["type"] == "audio_format":
                     sample_rate = parsed["sample_rate"]
                 elif parsed["type"] == "prompt":
-                    await self.driver.denoiser.call("set_prompt", self.spec.session_id, parsed["text"])
+                    await self.driver.set_prompt(parsed["text"])
                 else:
                     self.turns.put_nowait(parsed)
             except ProtocolError as exc:
-                await ws.send_json({"type": "error", "code": "bad_message", "message": str(exc)})
+                await ws.send_json(error_event("bad_message", str(exc)))
             except SpeechBacklog as exc:
-                await ws.send_json({"type": "error", "code": "busy", "message": str(exc)})
+                await ws.send_json(error_event("busy", str(exc)))
             except asyncio.QueueFull:
-                await ws.send_json({"type": "error", "code": "busy", "message": "8 turns are already waiting"})
+                await ws.send_json(error_event("busy", "8 turns are already waiting"))
+            except Exception as exc:  # noqa: BLE001 - a bug answering one message must not drop the connection
+                sid = self.spec.session_id
+                await ws.send_json(error_event("internal", "this message failed", session_id=sid, exc=exc))
 
     async def _talk(self) -> None:
         """Turns in order: `chat` asks the LLM and speaks each sentence as it completes; `say` speaks."""
-        sid = self.spec.session_id
         while True:
             turn = await self.turns.get()
             try:
                 if turn["type"] == "say":
                     await self._speak(turn["text"])
                     continue
-                await self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
-                async for sentence in self.llm.stream("reply", sid, turn["text"]):
-                    await self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
+                self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
+                async for sentence in self._reply(turn["text"]):
+                    self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
                     await self._speak(sentence)
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
-                await self.driver.publish({"type": "error", "code": "turn_failed", "message": f"{exc}"})
+                message = str(exc) if isinstance(exc, StageLost) else "this turn could not be answered"
+                self.driver.publish(error_event("turn_failed", message, session_id=self.spec.session_id, exc=exc))
+
+    async def _reply(self, text: str):
+        """The LLM's sentences. An LLM that lost the session (its replica died) is opened again with the memory kept
+        here and asked once more, unless part of the answer was already spoken (then that part is remembered)."""
+        sid, timeout = self.spec.session_id, self.cfg.serve.stage_timeout_s
+        said: list[str] = []
+        try:
+            for attempt in range(2):
+                try:
+                    async for sentence in self.llm.stream("reply", sid, text, timeout=timeout):
+                        said.append(sentence)
+                        yield sentence
+                    return
+                except StageLost as lost:
+                    if said or attempt:
+                        raise
+                    self.driver.publish({"type": "recovering", "stage": "LLM", "reason": f"{lost}; reopening the chat"})
+                    await self.open_chat()
+        finally:
+            if said:
+                self.history.append((text, " ".join(said)))
+
+    async def open_chat(self) -> None:
+        """Open (or re-open, with the memory kept here) the session's chat on an LLM replica."""
+        self.llm.replica = None  # opened wherever the router places it now
+        await self.llm.call(
+            "open", self.spec.session_id, self.spec.persona, list(self.history), timeout=self.cfg.serve.open_timeout_s
+        )
+        await self.llm.locate(self.cfg.serve.stage_timeout_s)
 
     async def _speak(self, text: str) -> None:
-        samples = await self.speech.call("synthesize", text)
+        for attempt in range(2):  # stateless: a lost replica's call is simply made again, on another one
+            try:
+                samples = await self.speech.call("synthesize", text, timeout=self.cfg.serve.stage_timeout_s)
+                break
+            except StageLost as lost:
+                if attempt:
+                    raise
+                self.driver.publish({"type": "recovering", "stage": "Speech", "reason": f"{lost}; trying again"})
         await self.driver.add_speech_when_room(samples)
-        await self.driver.publish(
-            {"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate}
-        )
+        self.driver.publish({"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate})
 
-    async def close(self) -> None:
-        self.talker.cancel()
-        await self.driver.close()
-        try:
-            await self.llm.call("close", self.spec.session_id)
-        except Exception:  # noqa: BLE001 - a lost LLM replica holds nothing to release
-            pass
+    async def stop(self, reason: str = "ended") -> None:
+        """End the session now for its viewers; `release` frees the stages (it may take longer)."""
+        if self.talker is not None:
+            self.talker.cancel()
+        await self.driver.stop(reason)
+
+    async def release(self) -> None:
+        llm = self.llm.call("close", self.spec.session_id, timeout=RELEASE_TIMEOUT_S)
+        await asyncio.gather(self.driver.release(), llm, return_exceptions=True)
 
 
 class _Bucket:
@@ -192,10 +276,12 @@ class Ingress:
     """Serve deployment class (made a deployment in serving/app.py)."""
 
     def __init__(self, cfg: dict, denoiser, decoder, llm, speech) -> None:
+        bind_replica_server_to_node_address()
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech}
         self.sessions: dict[str, Live] = {}
         self.reaper: asyncio.Task | None = None
+        self.releasing: set[asyncio.Task] = set()  # stage releases of ended sessions, still running
         self.starting = 0  # sessions being created: counted against the cap before the first await
         self.ready = False  # every stage has answered once (see /healthz)
         app.state.token = self.cfg.serve.token  # for the auth middleware, which runs before a body is read
@@ -249,18 +335,35 @@ class Ingress:
             self.reaper = asyncio.create_task(self._reap_forever())
 
     async def _reap_forever(self) -> None:
+        """Release sessions nobody uses: no client message and no read by any viewer for `session_idle_s` (a
+        connected viewer that stopped reading counts as gone), and ended sessions no viewer is reading."""
         idle_s = self.cfg.serve.session_idle_s
         while True:
             await asyncio.sleep(min(idle_s / 4, 15.0))
-            now = time.monotonic()
             for sid, live in list(self.sessions.items()):
-                if not live.driver.subscribers and now - live.driver.last_activity > idle_s:
+                ended = live.driver.closed.is_set() and not live.driver.subscribers
+                if ended or live.driver.idle_s() > idle_s:
                     await self._release(sid)
 
-    async def _release(self, session_id: str) -> None:
+    async def _release(self, session_id: str, reason: str = "ended") -> None:
+        """End a session at once for its viewers; its stages are freed in the background (a busy replica answers
+        only after its current batch), so DELETE returns in well under a second."""
         live = self.sessions.pop(session_id, None)
-        if live is not None:
-            await live.close()
+        if live is None:
+            return
+        await live.stop(reason)
+        task = asyncio.create_task(live.release())
+        self.releasing.add(task)
+        task.add_done_callback(self.releasing.discard)
+
+    async def end_sessions(self, reason: str = "server_shutdown") -> int:
+        """End every session of this replica (before the server stops): viewers get `closed` and a close code
+        instead of a dropped connection. Returns how many there were."""
+        ids = list(self.sessions)
+        await asyncio.gather(*(self._release(sid, reason) for sid in ids))
+        if self.releasing:
+            await asyncio.wait(set(self.releasing), timeout=RELEASE_TIMEOUT_S)
+        return len(ids)
 
     # ---------------------------------------------------------------- routes
     @app.get("/healthz")
@@ -315,11 +418,14 @@ class Ingress:
             session_id = secrets.token_urlsafe(12)
             spec = SessionSpec(session_id, pixels, persona.strip() or "a friendly assistant", prompt, seed)
             live = Live(spec, self.cfg, self.handles)
-            await live.llm.call("open", session_id, spec.persona)
+            try:
+                await live.open_chat()
+            except StageLost as lost:
+                raise HTTPException(503, f"{lost}; try again", headers={"Retry-After": "10"}) from None
             self.sessions[session_id] = live
         finally:
             self.starting -= 1
-        live.driver.start()
+        live.start()
         self._ensure_reaper()
         base = f"{request.scope.get('root_path', '')}/v1/sessions/{session_id}"  # behind a route prefix too
         return {
@@ -410,10 +516,11 @@ class Ingress:
             return
         subscriber = live.driver.subscribe()
         sender = asyncio.create_task(_send_all(ws, subscriber))
-        try:
-            await live.receive(ws)
-        except WebSocketDisconnect:
-            pass
+        receiver = asyncio.create_task(live.receive(ws))
+        try:  # until the client leaves or the session (or this viewer) has ended and the socket is closed
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             live.driver.unsubscribe(subscriber)
-            sender.cancel()
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)

@@ -15,7 +15,7 @@ import os
 import re
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -113,12 +113,15 @@ class Chat:
         )
         self._sessions: dict[str, _Session] = {}
 
-    def open(self, session_id: str, persona: str) -> None:
-        """Start a session; opening an id that is already open starts it afresh (a reconnecting client)."""
+    def open(self, session_id: str, persona: str, history: Iterable[tuple[str, str]] = ()) -> None:
+        """Start a session, remembering `history` (user, assistant) exchanges (a session moved from a replica that
+        died); opening an id that is already open starts it afresh."""
         if not persona.strip():
             raise ValueError("persona must not be empty")
         system = self.cfg.system_prompt.format(persona=persona.strip())
-        self._sessions[session_id] = _Session(system, self.cfg.history_turns)
+        session = _Session(system, self.cfg.history_turns)
+        session.history.extend((str(user), str(assistant)) for user, assistant in history)
+        self._sessions[session_id] = session
 
     def close(self, session_id: str) -> None:
         self._session(session_id)

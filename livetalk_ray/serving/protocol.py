@@ -9,6 +9,16 @@ The header is `{"type": "block", "index", "first_frame", "fps", "sample_rate", "
 so a player that schedules both at `first_frame / fps` keeps them in sync. Everything else (events, errors)
 travels as JSON text messages `{"type": ..., ...}`.
 
+When a stage loses the session, the client hears it at once: `{"type": "reprimed", "stage", "reason", "count"}`
+when the video stream is re-primed from the reference image (frames follow once a replica holds it again; frame
+numbering goes on), `{"type": "recovering", "stage", "reason"}` when a chat turn waits for a new LLM or Speech
+replica (the video goes on).
+
+Errors are `{"type": "error", "code": CODE, "message": ..., "incident": ID}`: CODE is one of `ERROR_CODES`, the
+message is short and safe to show, and an incident id (on failures of the server, not of the client) names the
+server log line that holds the details. After a session's last event `{"type": "closed", "reason": CODE}` the
+server closes the WebSocket with one of `CLOSE_CODES`.
+
 Client → server: JSON text `{"type": "chat" | "say" | "prompt", "text": ...}`, `{"type": "audio_format",
 "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}`, and binary messages of PCM in that format.
 """
@@ -16,11 +26,54 @@ Client → server: JSON text `{"type": "chat" | "say" | "prompt", "text": ...}`,
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import struct
 
 import numpy as np
 
 AUDIO_ENCODING = "pcm_s16le"
+
+ERROR_CODES = {
+    # the client's doing: the session goes on
+    "bad_message": "a message the server cannot use (malformed, unknown type, too long, too fast)",
+    "busy": "too much is waiting already (queued speech, chat turns); send it later",
+    # the server's: the session goes on
+    "turn_failed": "one chat turn could not be answered or spoken; later turns are tried afresh",
+    # the session ends after these
+    "session_lost": "a stage lost the session more often than serve.max_reprimes allows, or could not re-prime it",
+    "too_slow": "this viewer read too slowly and was dropped (other viewers go on)",
+    "server_shutdown": "the server is stopping",
+    "internal": "a bug; the incident id names the server log line with the details",
+}
+CLOSE_CODES = {
+    1000: "the session ended: DELETE, idle timeout, or this viewer asked to close",
+    1001: "the server is stopping (code server_shutdown)",
+    1011: "the session ended with an error event (its code says why)",
+    4401: "missing or wrong token",
+    4403: "the page's origin is not allowed (serve.allowed_origins)",
+    4404: "unknown session (never existed, or released)",
+    4408: "this viewer fell too far behind the stream (code too_slow)",
+    4410: "the session has already ended",
+}
+log = logging.getLogger("livetalk_ray.serving")
+
+
+def error_event(code: str, message: str, *, session_id: str = "", exc: BaseException | None = None) -> dict:
+    """An error event for a client. With `exc` (a failure of the server), its details go to the server log under a
+    fresh incident id that the event carries; the client sees no traceback, path, address or actor id."""
+    assert code in ERROR_CODES, code
+    event = {"type": "error", "code": code, "message": message}
+    if exc is not None:
+        event["incident"] = secrets.token_hex(6)
+        log.error("incident %s (session %s, %s): %s", event["incident"], session_id, code, message, exc_info=exc)
+    return event
+
+
+def close_code(event: dict) -> int:
+    """The WebSocket close code after a session's `closed` event."""
+    reason = event.get("reason", "ended")
+    return {"ended": 1000, "server_shutdown": 1001, "too_slow": 4408, "already_ended": 4410}.get(reason, 1011)
 
 
 class ProtocolError(ValueError):

@@ -4,10 +4,13 @@ Serve cannot hand a stream from one deployment to the next, so the driver relays
 Denoiser the audio that block needs (queued speech, or silence while nobody speaks) and gets latents back;
 it hands them to the VAEDecoder without waiting, so decoding block k overlaps denoising block k + 1; before
 handing over block k + 1 it waits for block k's frames and publishes them. Pacing keeps the stream at most
-`serve.lead_blocks` blocks ahead of the wall clock; publishing waits while a subscriber's queue is full
-(back-pressure from a slow client). If a stage loses the session (its replica died or was replaced), both
-stages are re-primed from the reference image, up to `serve.max_reprimes` times; then the session ends
-with an error event.
+`serve.lead_blocks` blocks ahead of the wall clock.
+
+Publishing never waits: each viewer has its own buffer of `serve.viewer_buffer_blocks` blocks, and a viewer
+that leaves it full is dropped (`too_slow`), so one stuck reader cannot stop the others. Every stage call has a
+timeout; a stage that loses the session (its replica died, hung, or was replaced) is reported at once with a
+`reprimed` event and both stages are re-primed from the reference image, up to `serve.max_reprimes` times; then
+the session ends with an error event. A session always ends with a `closed` event naming why.
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ import numpy as np
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.serving.denoiser import SessionLost
-from livetalk_ray.serving.protocol import encode_block
+from livetalk_ray.serving.protocol import encode_block, error_event
 
-SUBSCRIBER_BLOCKS = 2  # blocks buffered per subscriber before the driver waits for it
-CLOSE_GRACE_S = 5.0  # how long close() lets the current block finish
+RELEASE_TIMEOUT_S = 5.0  # a replica that does not confirm a release in this time holds nothing worth waiting for
+PROBE_EVERY_S = 0.25  # how often a waiting call checks that the replica holding its session still exists
+SERVE_NAMESPACE = "serve"  # the Ray namespace of Serve's replica actors
 
 
 class StageLost(RuntimeError):
-    """A stage no longer holds the session: its replica died, or the session was reaped there."""
+    """A stage no longer holds the session: its replica died, hung, or the session was reaped there. The message
+    is short and safe to show a client (no Ray internals)."""
+
+    def __init__(self, stage: str, why: str) -> None:
+        super().__init__(f"the {stage} stage {why}")
+        self.stage = stage
 
 
 class SpeechBacklog(RuntimeError):
@@ -47,60 +56,156 @@ class SessionSpec:
     created: float = field(default_factory=time.monotonic)
 
 
-def _lost(exc: BaseException) -> bool:
+def _why_lost(exc: BaseException) -> str | None:
+    """Why a stage call failed, if the failure means the stage lost the session; None for other errors."""
     import ray
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    from livetalk_ray.serving.llm import UnknownSession
 
     cause = getattr(exc, "cause", None)
-    return isinstance(exc, SessionLost | ray.exceptions.RayActorError) or isinstance(cause, SessionLost)
+    if isinstance(exc, SessionLost | UnknownSession) or isinstance(cause, SessionLost | UnknownSession):
+        return "no longer holds this session"
+    if isinstance(exc, ray.exceptions.RayActorError | ray.exceptions.ActorUnavailableError):
+        return "lost this session: its replica stopped"
+    if isinstance(exc, DeploymentUnavailableError):
+        return "has no replica that can take this session"
+    return None
 
 
 class Stage:
-    """A deployment as the driver calls it: a Serve handle (routed by session id) or a local object."""
+    """A deployment as the driver calls it: a Serve handle (routed by session id) or a local object. Every call
+    has a timeout; a call that finds the session lost raises `StageLost`.
 
-    def __init__(self, name: str, target, session_id: str) -> None:
-        self.name, self.session_id = name, session_id
+    Serve retries a call whose replica died before the call reached it, and waits for a replacement to start
+    (seconds to minutes), so a dead replica can look like a slow one. Once `locate` has learnt which replica holds
+    the session, a call still waiting after `probe_after_s` checks that replica every PROBE_EVERY_S and ends as
+    lost as soon as it is gone."""
+
+    def __init__(self, name: str, target, session_id: str, probe_after_s: float = 1.0) -> None:
+        self.name, self.session_id, self.probe_after_s = name, session_id, probe_after_s
         is_handle = hasattr(target, "options") and hasattr(target, "deployment_name")
         self.target = target.options(session_id=session_id) if is_handle else target
         self.is_handle = is_handle
+        self.replica: str | None = None  # the actor name of the replica holding the session, once located
 
-    async def call(self, method: str, *args):
+    async def locate(self, timeout: float) -> None:
+        """Ask the replica that now holds the session for its name (after it was opened or moved there)."""
+        self.replica = await self.call("replica_name", timeout=timeout) if self.is_handle else None
+
+    async def call(self, method: str, *args, timeout: float):
+        response = getattr(self.target, method).remote(*args) if self.is_handle else getattr(self.target, method)(*args)
+        waiter = asyncio.ensure_future(_awaited(response))
         try:
+            return await self._wait(waiter, method, timeout)
+        except BaseException as exc:
+            waiter.cancel()
             if self.is_handle:
-                return await getattr(self.target, method).remote(*args)
-            return await getattr(self.target, method)(*args)
-        except Exception as exc:
-            if _lost(exc):
-                raise StageLost(f"{self.name}: {exc}") from exc
+                response.cancel()  # the replica stops working on it, too
+            why = _why_lost(exc) if isinstance(exc, Exception) else None
+            if why is not None:
+                raise StageLost(self.name, why) from exc
             raise
 
-    async def stream(self, method: str, *args) -> AsyncIterator:
+    async def _wait(self, waiter: asyncio.Future, method: str, timeout: float):
+        loop = asyncio.get_running_loop()
+        deadline, step = loop.time() + timeout, self.probe_after_s
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise StageLost(self.name, f"did not answer `{method}` within {timeout:g} s")
+            done, _ = await asyncio.wait({waiter}, timeout=left if self.replica is None else min(left, step))
+            if done:
+                return waiter.result()
+            step = PROBE_EVERY_S
+            if self.replica is not None and not await replica_alive(self.replica):
+                raise StageLost(self.name, "lost this session: its replica stopped")
+
+    async def stream(self, method: str, *args, timeout: float) -> AsyncIterator:
+        """Items of a streaming method; `timeout` bounds the wait for each item."""
         if self.is_handle:
-            async for item in getattr(self.target.options(stream=True), method).remote(*args):
-                yield item
+            items = getattr(self.target.options(stream=True), method).remote(*args)
         else:
-            async for item in getattr(self.target, method)(*args):
+            items = getattr(self.target, method)(*args).__aiter__()
+        try:
+            while True:
+                waiter = asyncio.ensure_future(_awaited(items.__anext__()))
+                try:
+                    item = await self._wait(waiter, method, timeout)
+                except StopAsyncIteration:
+                    return
+                except Exception as exc:
+                    waiter.cancel()
+                    why = _why_lost(exc)
+                    if why is not None:
+                        raise StageLost(self.name, why) from exc
+                    raise
                 yield item
+        finally:
+            if self.is_handle:
+                items.cancel()  # a no-op once the stream has ended; stops the replica when the caller gave up
+
+
+async def replica_alive(actor_name: str) -> bool:
+    """Whether a Serve replica's actor still exists (asked of Ray's GCS; a dead replica's name is gone at once)."""
+    import ray
+
+    def look() -> bool:
+        try:
+            ray.get_actor(actor_name, namespace=SERVE_NAMESPACE)
+            return True
+        except ValueError:
+            return False
+
+    return await asyncio.to_thread(look)
+
+
+def block_seconds(cfg: LiveTalkConfig) -> float:
+    """How long one streamed block plays."""
+    return cfg.cache.frames_per_block * cfg.model.audio_frames_per_latent / cfg.video.fps
+
+
+async def _awaited(awaitable):
+    return await awaitable
 
 
 class Subscriber:
-    """One reader of a session's output (a WebSocket, an MJPEG viewer). Events never wait; a block waits
-    while this reader has SUBSCRIBER_BLOCKS blocks it has not taken yet."""
+    """One reader of a session's output (a WebSocket, an MJPEG viewer), with its own bounded buffer. Events are
+    always taken; a block is refused (`offer` → False) while `max_blocks` blocks wait unread, and the driver
+    then drops this reader."""
 
-    def __init__(self) -> None:
-        self.items: asyncio.Queue = asyncio.Queue()
-        self.slots = asyncio.Semaphore(SUBSCRIBER_BLOCKS)
-        self.gone = False
+    def __init__(self, max_blocks: int) -> None:
+        self.max_blocks = max_blocks
+        self.items: deque = deque()
+        self.unread_blocks = 0
+        self.wakeup = asyncio.Event()
+        self.last_read = time.monotonic()
+
+    def offer(self, item: dict | bytes) -> bool:
+        if isinstance(item, bytes):
+            if self.unread_blocks >= self.max_blocks:
+                return False
+            self.unread_blocks += 1
+        self.items.append(item)
+        self.wakeup.set()
+        return True
+
+    def end_with(self, *events: dict) -> None:
+        """Replace whatever is unread by these last events (a dropped reader learns why, then nothing more)."""
+        self.items.clear()
+        self.unread_blocks = 0
+        self.items.extend(events)
+        self.wakeup.set()
 
     async def get(self) -> dict | bytes:
-        item = await self.items.get()
+        while not self.items:
+            self.wakeup.clear()
+            await self.wakeup.wait()
+        item = self.items.popleft()
         if isinstance(item, bytes):
-            self.slots.release()
+            self.unread_blocks -= 1
+        self.last_read = time.monotonic()
         return item
-
-    def leave(self) -> None:
-        self.gone = True
-        for _ in range(SUBSCRIBER_BLOCKS + 1):  # wake a driver waiting for this reader
-            self.slots.release()
 
 
 class SessionDriver:
@@ -113,11 +218,14 @@ class SessionDriver:
         self.frames_made = 0  # over the whole session, across re-primes
         self.blocks_published = 0
         self.frames_published = 0
+        self.reprimes = 0
         self.first_frame_s: float | None = None
         self.first_frame_marks: dict[str, float] = {}
-        self.last_activity = time.monotonic()
+        self.last_activity = time.monotonic()  # the client's last message, or a reader's last read
         self.closed = asyncio.Event()
+        self.end_reason = "ended"  # the `closed` event's reason: ended | session_lost | internal | server_shutdown
         self.task: asyncio.Task | None = None
+        self.pace_origin = time.monotonic()  # wall-clock time of frame 0 of the stream as it is paced now
 
     # ---- inputs
     def add_speech(self, samples: np.ndarray) -> None:
@@ -146,6 +254,18 @@ class SessionDriver:
     def queued_speech_s(self) -> float:
         return self.queued_samples / self.cfg.audio.sample_rate
 
+    async def set_prompt(self, prompt: str) -> None:
+        """A new text prompt from the next block on. Kept in the spec first, so a re-primed session keeps it; a
+        lost Denoiser is not this call's to report (the stream's next call finds it and re-primes), and while the
+        session is being re-primed the client's messages do not wait for it."""
+        self.spec.prompt = prompt
+        if self.denoiser.replica is None and self.denoiser.is_handle:  # being (re-)primed: `open` takes the new one
+            return
+        try:
+            await self.denoiser.call("set_prompt", self.spec.session_id, prompt, timeout=self.cfg.serve.stage_timeout_s)
+        except StageLost:
+            pass
+
     def _take_audio(self, n: int) -> np.ndarray:
         out = np.zeros(max(n, 0), np.float32)  # silence where no speech is queued
         filled = 0
@@ -163,86 +283,111 @@ class SessionDriver:
 
     # ---- outputs
     def subscribe(self) -> Subscriber:
-        subscriber = Subscriber()
+        """A new reader. One that joins an ended session hears only that it has ended."""
+        subscriber = Subscriber(self.cfg.serve.viewer_buffer_blocks)
+        if self.closed.is_set() and (self.task is None or self.task.done()):
+            subscriber.offer({"type": "closed", "reason": "already_ended"})
+            return subscriber
         self.subscribers.append(subscriber)
         self.last_activity = time.monotonic()
         return subscriber
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        subscriber.leave()
         if subscriber in self.subscribers:
             self.subscribers.remove(subscriber)
         self.last_activity = time.monotonic()
 
-    async def publish(self, item: dict | bytes) -> None:
+    def publish(self, item: dict | bytes) -> None:
+        """Hand an item to every reader; never waits. A reader whose buffer is full of unread blocks is dropped."""
         for subscriber in list(self.subscribers):
-            if isinstance(item, bytes):
-                await subscriber.slots.acquire()  # waits while this reader is SUBSCRIBER_BLOCKS behind
-            if not subscriber.gone:
-                subscriber.items.put_nowait(item)
+            if not subscriber.offer(item):
+                self.subscribers.remove(subscriber)
+                metrics.record(metrics.SERVE_SESSION_ERRORS, reason="too_slow")
+                blocks = subscriber.max_blocks
+                subscriber.end_with(
+                    error_event("too_slow", f"this viewer left {blocks} blocks unread; reconnect to catch up"),
+                    {"type": "closed", "reason": "too_slow"},
+                )
+
+    def idle_s(self) -> float:
+        """Seconds since the client last sent a message or any reader last read."""
+        last = max([self.last_activity, *(s.last_read for s in self.subscribers)])
+        return time.monotonic() - last
 
     # ---- the loop
     def start(self) -> None:
         self.task = asyncio.create_task(self.run())
 
     async def run(self) -> None:
-        t0, reprimes = time.monotonic(), 0
+        s = self.cfg.serve
         try:
             while not self.closed.is_set():
                 try:
-                    await self._stream(t0)
+                    await self._stream()
                 except StageLost as lost:
-                    reprimes += 1
-                    if reprimes > self.cfg.serve.max_reprimes:
+                    if self.closed.is_set():
+                        break
+                    self.reprimes += 1
+                    if self.reprimes > s.max_reprimes:
                         metrics.record(metrics.SERVE_SESSION_ERRORS, reason="session_lost")
-                        await self.publish({"type": "error", "code": "session_lost", "message": str(lost)})
+                        message = f"{lost}, after {s.max_reprimes} re-primes"
+                        self.publish(error_event("session_lost", message, session_id=self.spec.session_id, exc=lost))
+                        self.end_reason = "session_lost"
                         return
                     metrics.record(metrics.SERVE_REPRIMES)
-                    await self.publish({"type": "reprimed", "reason": str(lost), "count": reprimes})
+                    self.publish({"type": "reprimed", "stage": lost.stage, "reason": str(lost), "count": self.reprimes})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a broken stage: the client hears about it, the server stays up
             metrics.record(metrics.SERVE_SESSION_ERRORS, reason="internal")
-            await self.publish({"type": "error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            self.publish(error_event("internal", "the session failed", session_id=self.spec.session_id, exc=exc))
+            self.end_reason = "internal"
         finally:
             self.closed.set()
-            await self.publish({"type": "closed"})  # an event: never waits
+            self.publish({"type": "closed", "reason": self.end_reason})
 
-    async def _stream(self, t0: float) -> None:
-        s, fps = self.spec, self.cfg.video.fps
-        needed, pushed = await self.denoiser.call("open", s.session_id, s.image, s.prompt, s.seed), 0
+    async def _stream(self) -> None:
+        s, fps, timeout = self.spec, self.cfg.video.fps, self.cfg.serve.stage_timeout_s
+        self.denoiser.replica = self.decoder.replica = None  # opened wherever the router places it now
+        needed = await self.denoiser.call(
+            "open", s.session_id, s.image, s.prompt, s.seed, timeout=self.cfg.serve.open_timeout_s
+        )
+        pushed = 0
+        self.pace_origin = time.monotonic() - self.frames_made / fps  # a re-primed stream does not race to catch up
         self._mark("primed_s")
-        decoding: tuple | None = None
+        await self.denoiser.locate(timeout)
+        in_flight: deque[tuple] = deque()  # (block, its decode task), oldest first
         try:
             while not self.closed.is_set():
-                await self._pace(t0)
+                await self._pace()
                 audio = self._take_audio(needed - pushed)
                 pushed = needed
                 called = time.monotonic()
-                block, needed = await self.denoiser.call("next_block", s.session_id, audio)
+                block, needed = await self.denoiser.call("next_block", s.session_id, audio, timeout=timeout)
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
-                frames = asyncio.create_task(self._decode(block))
-                if decoding is not None:
-                    await self._publish_block(*decoding, fps)
-                decoding = (block, frames)
-                # Sequential: decode before the next denoise. Block 0 always is: the first frame is what a user
-                # waits for, and block 1 is not due until block 0 has played, so nothing may compete with it.
-                if self.cfg.serve.blocks_in_flight == 1 or block.index == 0:
-                    await self._publish_block(*decoding, fps)
-                    decoding = None
-            if decoding is not None:
-                await self._publish_block(*decoding, fps)
-        finally:  # let a running decode finish (its replica is busy with it anyway), its frames are dropped
-            if decoding is not None:
-                await asyncio.gather(decoding[1], return_exceptions=True)
+                in_flight.append((block, asyncio.create_task(self._decode(block))))
+                # Publish the oldest block once `blocks_in_flight` are out. Block 0 always at once: the first frame
+                # is what a user waits for, and block 1 is not due until block 0 has played.
+                while in_flight and (len(in_flight) >= self.cfg.serve.blocks_in_flight or block.index == 0):
+                    await self._publish_block(*in_flight[0], fps)
+                    in_flight.popleft()
+                if block.index == 0:
+                    await self.decoder.locate(timeout)
+            while in_flight:
+                await self._publish_block(*in_flight[0], fps)
+                in_flight.popleft()
+        finally:  # no decode outlives its stream (a lost stage, a closed session): cancelled, and awaited
+            for _, task in in_flight:
+                task.cancel()
+            await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
 
-    async def _pace(self, t0: float) -> None:
+    async def _pace(self) -> None:
         """Wait while the stream is more than lead_blocks ahead of the wall clock."""
-        block_s = self.cfg.cache.frames_per_block * self.cfg.model.audio_frames_per_latent / self.cfg.video.fps
+        block_s = block_seconds(self.cfg)
         while not self.closed.is_set():
-            ahead = self.frames_made / self.cfg.video.fps - (time.monotonic() - t0)
+            ahead = self.frames_made / self.cfg.video.fps - (time.monotonic() - self.pace_origin)
             if ahead <= self.cfg.serve.lead_blocks * block_s:
                 return
             try:
@@ -263,8 +408,8 @@ class SessionDriver:
         if self.first_frame_s is None:
             self.first_frame_s = time.monotonic() - self.spec.created
             metrics.record(metrics.SERVE_FIRST_FRAME_SECONDS, self.first_frame_s)
-            await self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
-        await self.publish(encode_block(header, jpegs, block.audio))
+            self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
+        self.publish(encode_block(header, jpegs, block.audio))
         self.blocks_published += 1
         self.frames_published += len(jpegs)
         metrics.record(metrics.SERVE_BLOCKS)
@@ -272,7 +417,8 @@ class SessionDriver:
 
     async def _decode(self, block) -> list[bytes]:
         called = time.monotonic()
-        jpegs = await self.decoder.call("decode", self.spec.session_id, block.index, block.latents)
+        timeout = self.cfg.serve.stage_timeout_s
+        jpegs = await self.decoder.call("decode", self.spec.session_id, block.index, block.latents, timeout=timeout)
         metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="decode")
         return jpegs
 
@@ -282,17 +428,23 @@ class SessionDriver:
         if self.first_frame_s is None and name not in self.first_frame_marks:
             self.first_frame_marks[name] = round(time.monotonic() - self.spec.created, 4)
 
-    async def close(self) -> None:
-        """Stop the loop and release the session on both stages (best effort: a lost replica holds nothing)."""
+    async def stop(self, reason: str = "ended") -> None:
+        """End the stream now: the block being made is dropped, readers get `closed` with `reason`."""
+        if not self.closed.is_set():
+            self.end_reason = reason
         self.closed.set()
         if self.task is not None and not self.task.done():
-            try:  # the loop ends at its next step; a driver waiting for a stuck reader is cancelled
-                await asyncio.wait_for(asyncio.shield(self.task), timeout=CLOSE_GRACE_S)
-            except TimeoutError:
-                self.task.cancel()
-                await asyncio.gather(self.task, return_exceptions=True)
-        for stage in (self.denoiser, self.decoder):
-            try:
-                await stage.call("close", self.spec.session_id)
-            except Exception:  # noqa: BLE001 - the replica may be gone; nothing is left to release then
-                pass
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        elif self.task is None:
+            self.publish({"type": "closed", "reason": self.end_reason})
+
+    async def release(self) -> None:
+        """Free the session on both stages (best effort: a lost replica holds nothing)."""
+        sid = self.spec.session_id
+        calls = [stage.call("close", sid, timeout=RELEASE_TIMEOUT_S) for stage in (self.denoiser, self.decoder)]
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    async def close(self, reason: str = "ended") -> None:
+        await self.stop(reason)
+        await self.release()

@@ -17,6 +17,7 @@ from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, r
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
 from livetalk_ray.serving.denoiser import SessionStage, SessionTable
+from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 
 
 def jpeg(frame: np.ndarray, quality: int) -> bytes:
@@ -66,6 +67,7 @@ class VAEDecoder(SessionStage):
     name = "VAEDecoder"
 
     def __init__(self, cfg: dict) -> None:
+        bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         core = DecoderCore(config)
         self._setup(config, core, core.decode_many)

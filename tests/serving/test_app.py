@@ -1,5 +1,6 @@
 """The whole app on a real local Ray Serve: sessions over HTTP and WebSocket, speech in the stream, every
-bad input answered with a clear 4xx or error event, and a killed Denoiser replica survived."""
+bad input answered with a clear 4xx or error event, a viewer that does not read dropped without slowing the
+others, and DELETE at once (replica kills: test_chaos.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import ray
 from PIL import Image
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
@@ -110,7 +110,8 @@ def png(size=(64, 64)) -> bytes:
         ({"image": ("a.png", png(), "image/png")}, {}, {}, 401, "token"),
         ({"image": ("a.png", png(), "image/png")}, {}, {"Authorization": "Bearer wrong"}, 401, "token"),
         ({"image": ("big.png", b"\x89PNG" + b"0" * 300_000, "image/png")}, {}, AUTH, 413, "larger than"),
-        ({"image": ("notes.txt", b"just some text", "text/plain")}, {}, AUTH, 415, "cannot read"),
+        ({"image": ("notes.txt", b"just some text", "text/plain")}, {}, AUTH, 415, "not a PNG, JPEG"),
+        ({"image": ("cut.png", png((64, 64))[:80], "image/png")}, {}, AUTH, 415, "cannot read"),
         ({"image": ("tiny.png", png((4, 4)), "image/png")}, {}, AUTH, 400, "too small"),
         # An aspect-ratio bomb: 24 KB and under the pixel cap, but covering a square from it costs gigabytes.
         ({"image": ("thin.png", png((1048576, 8)), "image/png")}, {}, AUTH, 400, "longer than 8192"),
@@ -126,7 +127,7 @@ def png(size=(64, 64)) -> bytes:
 def test_bad_session_requests_get_a_clear_4xx(server, files, data, headers, status, words):
     reply = httpx.post(server + "/v1/sessions", files=files, data=data, headers=headers, timeout=60)
     assert reply.status_code == status, reply.text
-    assert words in reply.json()["detail"]
+    assert words in reply.json()["detail"] and " 0x" not in reply.json()["detail"]  # no heap address
     assert httpx.get(server + "/healthz").status_code == 200
 
 
@@ -243,28 +244,43 @@ def test_bad_websocket_messages_get_error_events_and_the_session_goes_on(server)
     httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
 
 
-def test_a_killed_denoiser_replica_ends_each_session_clearly_and_the_server_stays_up(server):
-    sessions = [open_session(server) for _ in range(2)]
-    sockets = [connect(ws_url(server, s)) for s in sessions]
+def test_a_viewer_that_does_not_read_is_dropped_and_the_others_keep_real_time(server):
+    session = open_session(server)
+    stuck = connect(ws_url(server, session), max_size=None)  # never reads
     try:
-        for ws in sockets:
+        with connect(ws_url(server, session), max_size=None) as ws:
             read(ws, blocks=1)
-        replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Denoiser" in a["name"]]
-        assert replicas, ray.util.list_named_actors(all_namespaces=True)
-        for a in replicas:
-            ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=False)
-        for ws in sockets:  # each session is re-primed on the replacement replica, or ends with an error
-            outcome, deadline = None, time.monotonic() + 180
-            while outcome is None and time.monotonic() < deadline:
-                message = ws.recv(timeout=180)
-                if isinstance(message, str) and json.loads(message)["type"] in ("reprimed", "error"):
-                    outcome = json.loads(message)
-            assert outcome is not None
-            if outcome["type"] == "reprimed":
-                blocks, _ = read(ws, blocks=1, timeout=180)
-                assert blocks[0][0]["first_frame"] > 0  # frame numbering continues across the re-prime
-        assert httpx.get(server + "/healthz").status_code == 200
+            started, blocks = time.monotonic(), 0
+            while time.monotonic() - started < 40:
+                message = ws.recv(timeout=30)
+                blocks += isinstance(message, bytes)
+            # paced at one block per 0.75 s: the stuck viewer held nothing back
+            assert blocks >= 0.7 * 40 / 0.75, blocks
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = stuck.recv(timeout=30)
+                if isinstance(message, str):
+                    events.append(json.loads(message))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4408, closed.value
     finally:
-        for ws, s in zip(sockets, sessions, strict=True):
-            ws.close()
-            httpx.delete(server + f"/v1/sessions/{s['session_id']}", headers=AUTH)
+        stuck.close()
+        httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+
+
+def test_delete_is_immediate_and_viewers_get_closed_with_1000(server):
+    session = open_session(server)
+    with connect(ws_url(server, session)) as ws:
+        read(ws, blocks=2)
+        started = time.monotonic()
+        reply = httpx.delete(server + f"/v1/sessions/{session['session_id']}", headers=AUTH)
+        took = time.monotonic() - started
+        assert reply.status_code == 200 and took < 1.0, (reply.text, took)
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                message = ws.recv(timeout=30)
+                if isinstance(message, str):
+                    events.append(json.loads(message))
+        assert events[-1] == {"type": "closed", "reason": "ended"} and closed.value.rcvd.code == 1000
+    assert httpx.get(server + f"/v1/sessions/{session['session_id']}", headers=AUTH).status_code == 404

@@ -200,3 +200,17 @@ def test_openai_backend_errors(endpoint: str, monkeypatch: pytest.MonkeyPatch) -
     chat.open("s", "a robot")
     with pytest.raises(LLMError, match=f"127.0.0.1:{port}/v1/chat/completions"):
         _collect(chat.reply("s", "Hi"))
+
+
+def test_a_session_reopened_elsewhere_gets_its_memory_back(endpoint: str) -> None:
+    """The Ingress keeps what was said and re-opens a session on a new LLM replica with it (its replica died)."""
+    chat = Chat(LLMConfig(backend="openai", endpoint=endpoint, history_turns=2))
+    said = [("My name is Ada.", "Nice to meet you, Ada."), ("I like tea.", "Tea is lovely."), ("Bye.", "Bye!")]
+    chat.open("s", "a robot", said)
+    assert chat.messages("s", "What is my name?")[1:] == [
+        {"role": "user", "content": "I like tea."},
+        {"role": "assistant", "content": "Tea is lovely."},
+        {"role": "user", "content": "Bye."},
+        {"role": "assistant", "content": "Bye!"},
+        {"role": "user", "content": "What is my name?"},
+    ]  # as much as history_turns keeps, newest last

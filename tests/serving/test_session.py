@@ -1,6 +1,7 @@
 """The session driver on the real Denoiser and VAEDecoder classes, in process (Serve-free): blocks come out
-in order with their audio, speech lands in the stream, pacing and back-pressure bound the work, and a lost
-session is re-primed, then ended with a clear error."""
+in order with their audio, speech lands in the stream, pacing bounds the work, a reader that does not read is
+dropped while the others go on, a lost or hung stage is re-primed, then ended with a clear error, and every
+session ends with a `closed` event."""
 
 import asyncio
 import io
@@ -13,7 +14,7 @@ from PIL import Image
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.protocol import decode_block
-from livetalk_ray.serving.session import SUBSCRIBER_BLOCKS, SessionDriver, SessionSpec, Stage
+from livetalk_ray.serving.session import SessionDriver, SessionSpec, Stage
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
 
@@ -123,19 +124,73 @@ def test_pacing_keeps_the_stream_near_the_wall_clock(stages):
     assert made <= (elapsed + 0.75) * 16 + 12, (made, elapsed)
 
 
-def test_a_subscriber_that_does_not_read_stops_the_driver(stages):
+def test_a_reader_that_does_not_read_is_dropped_and_the_others_go_on(stages):
     async def main():
-        driver = driver_for(stages, "serve.lead_blocks=100", sid="slow")
-        driver.subscribe()  # never read
+        driver = driver_for(stages, "serve.lead_blocks=100", "serve.viewer_buffer_blocks=3", sid="slow")
+        stuck = driver.subscribe()  # never read
+        reader = driver.subscribe()
         driver.start()
-        await asyncio.sleep(3.0)
-        made = driver.frames_made
+        got = await take(reader, 8)
         await driver.close()
-        return made, driver.blocks_published
+        left = [await stuck.get() for _ in range(len(stuck.items))]
+        return got, left, driver
 
-    made, published = asyncio.run(main())
-    assert published <= SUBSCRIBER_BLOCKS  # the first-frame event also takes a slot
-    assert made <= 9 + 12 * (SUBSCRIBER_BLOCKS + 1)  # ≤ 2 blocks in flight past what was published
+    got, left, driver = asyncio.run(main())
+    assert [decode_block(m)[0]["index"] for m in got] == list(range(8))  # the reader was never held back
+    assert [e["type"] for e in left] == ["error", "closed"]  # the stuck one learns why, then nothing more
+    assert left[0]["code"] == "too_slow" and left[1]["reason"] == "too_slow"
+    assert len(driver.subscribers) == 1
+
+
+def test_close_is_immediate_and_late_viewers_hear_the_session_ended(stages):
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100", sid="busy")
+        reader = driver.subscribe()
+        driver.start()
+        await take(reader, 2)
+        started = time.monotonic()
+        await driver.stop()  # while blocks are being made
+        stopped_in = time.monotonic() - started
+        await driver.release()
+        events = [item for item in list(reader.items) if isinstance(item, dict)]
+        late = driver.subscribe()
+        return stopped_in, events, await asyncio.wait_for(late.get(), 1)
+
+    stopped_in, events, late = asyncio.run(main())
+    assert stopped_in < 0.5, stopped_in
+    assert events[-1] == {"type": "closed", "reason": "ended"}
+    assert late == {"type": "closed", "reason": "already_ended"}
+    assert len(stages[0].core.sessions) == len(stages[1].core.sessions) == 0
+
+
+class Hung:
+    """A stage whose decode never answers (a replica stuck in a call)."""
+
+    async def decode(self, *args):
+        await asyncio.sleep(3600)
+
+    async def close(self, session_id):
+        return True
+
+
+def test_a_stage_that_does_not_answer_is_reprimed_then_the_session_ends(stages):
+    async def main():
+        driver = driver_for(stages, "serve.stage_timeout_s=0.5", "serve.max_reprimes=1", sid="hung")
+        driver.decoder = Stage("VAEDecoder", Hung(), "hung")
+        reader = driver.subscribe()
+        started = time.monotonic()
+        driver.start()
+        events = []
+        while not events or events[-1]["type"] != "closed":
+            events.append(await asyncio.wait_for(reader.get(), 30))
+        return events, time.monotonic() - started
+
+    events, took = asyncio.run(main())
+    assert [e["type"] for e in events] == ["reprimed", "error", "closed"]
+    assert "VAEDecoder stage did not answer `decode` within 0.5 s" in events[0]["reason"]
+    assert events[1]["code"] == "session_lost" and len(events[1]["incident"]) == 12
+    assert events[2]["reason"] == "session_lost"
+    assert took < 10
 
 
 def test_a_lost_session_is_reprimed_then_ended_with_an_error(stages):
@@ -154,7 +209,7 @@ def test_a_lost_session_is_reprimed_then_ended_with_an_error(stages):
                     events.append(item)
                     break
         for _ in range(20):
-            if await asyncio.wait_for(queue.get(), 60) == {"type": "closed"}:
+            if await asyncio.wait_for(queue.get(), 60) == {"type": "closed", "reason": "session_lost"}:
                 break
         await driver.close()
         return events
@@ -162,3 +217,4 @@ def test_a_lost_session_is_reprimed_then_ended_with_an_error(stages):
     events = asyncio.run(main())
     assert events[0]["type"] == "reprimed" and "denoiser" in events[0]["reason"]
     assert events[1]["type"] == "error" and events[1]["code"] == "session_lost"
+    assert "Traceback" not in events[1]["message"] and events[1]["incident"]  # the details are in the server log

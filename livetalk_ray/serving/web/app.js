@@ -65,8 +65,10 @@ function setLive(live) {
 function onEvent(ev) {
   if (ev.type === "transcript") log(`${ev.role === "user" ? "you" : "avatar"}: ${ev.text}`, ev.role === "user" ? "you" : "avatar");
   else if (ev.type === "first_frame") { state.firstFrame = ev.latency_s; log(`first frame after ${ev.latency_s.toFixed(2)} s`); }
-  else if (ev.type === "error") log(`error (${ev.code}): ${ev.message}`, "err");
+  else if (ev.type === "error") log(`error (${ev.code}): ${ev.message}${ev.incident ? " [incident " + ev.incident + "]" : ""}`, "err");
   else if (ev.type === "reprimed") log(`stream re-primed: ${ev.reason}`, "err");
+  else if (ev.type === "recovering") log(`${ev.reason}`, "err");
+  else if (ev.type === "closed") log(`session ended (${ev.reason})`);
 }
 
 async function onBlock(buffer) {
