@@ -17,8 +17,6 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +27,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from livetalk_ray.cli.serve import wait_healthy
+from livetalk_ray.cli.serve import served
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.chaos import STAGES, Viewer, judge
 from livetalk_ray.serving.loadtest import local_replica_memory
@@ -85,6 +83,56 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def run(url: str, args, rng: random.Random, console: Console) -> tuple[list[dict], list[str], dict]:
+    """Sessions, pokes and kills for `args.minutes`; a verdict per session per kill, and replica memory."""
+    verdicts, kills, memory = [], [], {}
+    order = [stage for _ in range(100) for stage in rng.sample(STAGES, len(STAGES))]  # every stage, shuffled
+    memory["before"] = local_replica_memory("livetalk")
+    peak: dict[str, float] = {}
+    live = [v for v in (open_viewer(url) for _ in range(args.sessions)) if v is not None]
+    end = time.monotonic() + args.minutes * 60
+    next_kill = time.monotonic() + args.kill_every
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"{args.sessions} sessions, a kill every {args.kill_every:g} s", total=args.minutes * 60)
+        while time.monotonic() < end:
+            time.sleep(1.0)
+            bar.update(task, completed=args.minutes * 60 - (end - time.monotonic()))
+            for stage, mb in local_replica_memory("livetalk").items():
+                peak[stage] = max(peak.get(stage, 0.0), mb)
+            for _, viewer in live:
+                if rng.random() < 0.05:
+                    poke(viewer, rng)
+            if time.monotonic() < next_kill:
+                continue
+            stage = order[len(kills)]
+            killed_at = time.monotonic()
+            if not kill_stage(stage):
+                next_kill = time.monotonic() + 2  # its replacement is still starting: try again soon
+                continue
+            # judged once the sessions had time to resume: the next kill, or the end of the run
+            window_end = min(killed_at + args.kill_every, end)
+            while time.monotonic() < window_end:
+                time.sleep(0.5)
+                bar.update(task, completed=args.minutes * 60 - (end - time.monotonic()))
+            for _, viewer in live:
+                verdicts.append({"stage": stage, **judge(viewer, killed_at, time.monotonic(), BLOCK_S).__dict__})
+            kills.append(stage)
+            for sid, viewer in [v for v in live if v[1].ended()]:  # replace the sessions that ended
+                viewer.close()
+                live.remove((sid, viewer))
+            while len(live) < args.sessions and (new := open_viewer(url)) is not None:
+                live.append(new)
+            for _, viewer in live:  # new sessions stream before the next kill
+                viewer.wait_blocks(1, since=0, timeout=60)
+            next_kill = time.monotonic()
+    for sid, viewer in live:
+        viewer.close()
+        httpx.delete(url + f"/v1/sessions/{sid}", timeout=30)
+    time.sleep(5)  # released in the background, then memory trimmed
+    memory["peak"], memory["after"] = peak, local_replica_memory("livetalk")
+    return verdicts, kills, memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=2)
@@ -94,69 +142,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "chaos.json")
     args = parser.parse_args()
     console, rng = Console(), random.Random(args.seed)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    cli = str(Path(sys.executable).with_name("livetalk"))
-    server = subprocess.Popen([cli, "serve", "--port", str(port)], stdout=sys.stderr, stderr=sys.stderr)
-    verdicts, kills, memory = [], [], {}
-    try:
-        wait_healthy(url, timeout_s=600)
-        memory["before"] = local_replica_memory("livetalk")
-        peak: dict[str, float] = {}
-        live = [v for v in (open_viewer(url) for _ in range(args.sessions)) if v is not None]
-        end = time.monotonic() + args.minutes * 60
-        next_kill = time.monotonic() + args.kill_every
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(
-                f"{args.sessions} sessions, a kill every {args.kill_every:g} s", total=args.minutes * 60
-            )
-            while time.monotonic() < end:
-                time.sleep(1.0)
-                bar.update(task, completed=args.minutes * 60 - (end - time.monotonic()))
-                for stage, mb in local_replica_memory("livetalk").items():
-                    peak[stage] = max(peak.get(stage, 0.0), mb)
-                for _, viewer in live:
-                    if rng.random() < 0.05:
-                        poke(viewer, rng)
-                if time.monotonic() < next_kill:
-                    continue
-                stage = rng.choice(STAGES)
-                killed_at = time.monotonic()
-                if not kill_stage(stage):
-                    next_kill = time.monotonic() + 2  # its replacement is still starting: try another soon
-                    continue
-                # judged once the sessions had time to resume: the next kill, or the end of the run
-                window_end = min(killed_at + args.kill_every, end)
-                while time.monotonic() < window_end:
-                    time.sleep(0.5)
-                    bar.update(task, completed=args.minutes * 60 - (end - time.monotonic()))
-                for _, viewer in live:
-                    verdict = judge(viewer, killed_at, time.monotonic(), BLOCK_S)
-                    verdicts.append({"stage": stage, **verdict.__dict__})
-                kills.append(stage)
-                for sid, viewer in [v for v in live if v[1].ended()]:  # replace the sessions that ended
-                    viewer.close()
-                    live.remove((sid, viewer))
-                while len(live) < args.sessions and (new := open_viewer(url)) is not None:
-                    live.append(new)
-                next_kill = time.monotonic()
-        for sid, viewer in live:
-            viewer.close()
-            httpx.delete(url + f"/v1/sessions/{sid}", timeout=30)
-        time.sleep(5)  # released in the background, then memory trimmed
-        memory["peak"], memory["after"] = peak, local_replica_memory("livetalk")
-    finally:
-        started = time.monotonic()
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
-        shutdown_s = time.monotonic() - started
+    with served() as url:
+        try:
+            verdicts, kills, memory = run(url, args, rng, console)
+        finally:
+            stopping = time.monotonic()
+    shutdown_s = time.monotonic() - stopping
 
     counts = {
         k: sum(v["outcome"] == k for v in verdicts) for k in ("resumed", "ended_with_error", "stalled", "dropped")
     }
     silences = [v["longest_silence_s"] for v in verdicts]
+    delayed = sum(v["events"].count("delayed") for v in verdicts)
     recoveries = [v["recovery_s"] for v in verdicts if v["recovery_s"] is not None]
     report = {
         "sessions": args.sessions,
@@ -165,6 +162,7 @@ def main() -> None:
         "block_s": BLOCK_S,
         "kills": kills,
         "outcomes": counts,
+        "delayed_events": delayed,
         "untold_silence_s": {"p50": percentile(silences, 50), "p99": percentile(silences, 99)},
         "frames_again_after_reprime_s": {"p50": percentile(recoveries, 50), "p99": percentile(recoveries, 99)},
         "memory_mb": memory,
@@ -177,6 +175,7 @@ def main() -> None:
     table.add_row("kills", ", ".join(kills))
     for k, n in counts.items():
         table.add_row(k, str(n))
+    table.add_row("`delayed` events (told: a block 2 block times late)", str(delayed))
     for name, q in (
         ("untold silence", report["untold_silence_s"]),
         ("frames again", report["frames_again_after_reprime_s"]),

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from livetalk_ray.cli.serve import wait_healthy
+from livetalk_ray.cli.serve import served
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -29,19 +27,10 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     cli = str(Path(sys.executable).with_name("livetalk"))
-    server = subprocess.Popen([cli, "serve", "--port", str(port)], stdout=sys.stderr, stderr=sys.stderr)
-    try:
-        wait_healthy(url, timeout_s=600)
+    with served() as url:
         load = [cli, "loadtest", "--url", url, "--sessions", str(args.sessions), "--minutes", str(args.minutes)]
         code = subprocess.run([*load, "--json", str(args.out)]).returncode  # prints the table, writes the JSON
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
     print(f"wrote {args.out}")
     sys.exit(code)
 

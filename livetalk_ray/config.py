@@ -360,7 +360,7 @@ class ServeConfig(_Section):
     max_sessions: int = Field(default=32, ge=1)  # per ingress replica; more get 503
     lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
     blocks_in_flight: int = Field(default=2, ge=1, le=2)  # 2: decode of block k overlaps denoise of k+1
-    max_reprimes: int = Field(default=3, ge=0)  # a session re-primed more often (lost replicas) ends
+    max_reprimes: int = Field(default=3, ge=0)  # re-primes in a row without a frame; one more ends the session
     # A stage call of a streaming session (denoise, decode, prompt) not answered in this time counts as the
     # replica losing the session (re-primed); opening one may wait for a replacement replica to load its model.
     stage_timeout_s: float = Field(default=20.0, gt=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -9,6 +10,8 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -78,6 +81,24 @@ def wait_healthy(
         time.sleep(0.5)
     if not stop.is_set():
         raise ConfigError(f"the app did not answer {url}/healthz within {timeout_s:.0f} s (see `ray logs`)")
+
+
+@contextlib.contextmanager
+def served(*args: str, timeout_s: float = 600.0):
+    """`livetalk serve ARGS` as a child process on a free loopback port, healthy, until the block ends (then
+    SIGTERM); yields its base URL. For benchmarks that measure a server the way users run it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cli = str(Path(sys.executable).with_name("livetalk"))
+    server = subprocess.Popen([cli, "serve", "--port", str(port), *args], stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout_s)
+        yield url
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
 
 
 def _check_port_free(host: str, port: int) -> None:

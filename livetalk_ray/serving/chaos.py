@@ -1,10 +1,12 @@
 """Chaos tools for a running app (tests/serving/test_chaos.py, bench/chaos.py): kill a stage's replicas, watch
 sessions over their WebSockets, and judge what each viewer went through.
 
-A session passes when every gap in what its viewer receives (blocks and events) is at most `2 × block time`
-(+ `slack_s` for a loaded machine), unless a `reprimed` event opened the gap (the client was told; the gap
-then lasts until a replacement replica has loaded), and when the session ends only with an `error` event and a
-`closed` event before a close code other than 1006 (no close frame). A gap that breaks this is a silent stall.
+A session passes when, from the kill until the failure has visibly passed (see `judge`), every gap in what its
+viewer receives (blocks and events) is at most `2 × block time` (+ `slack_s` for a loaded machine), unless a
+`reprimed` or `delayed` event opened the gap (the client was told; the gap may then last until a replacement
+replica has loaded),
+and when the session ends only with an `error` event and a `closed` event before a close code other than 1006
+(no close frame). A gap that breaks this is a silent stall.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from livetalk_ray.serving.protocol import decode_block
 
 STAGES = ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")
+RESUMED_BLOCKS = 4  # blocks after a kill, with no event, that show a stream was not hit (in-flight ones included)
 
 
 def kill_replicas(stage: str, app: str = "livetalk") -> list[str]:
@@ -104,29 +107,38 @@ class Verdict:
 
 
 def judge(viewer: Viewer, since: float, until: float, block_s: float, slack_s: float = 0.5) -> Verdict:
-    """What the viewer saw between `since` (a kill) and `until`. Judged up to the first block after a `reprimed`
-    event: from there the stream runs again and its gaps are its load's, not the failure's."""
+    """What the viewer saw between `since` (a kill) and `until`, judged until the failure has visibly passed: the
+    first block after a `reprimed` event, or RESUMED_BLOCKS blocks with no event at all (the stream went on). A
+    session that had no frame yet when the kill came is judged from its first frame."""
+    first = next((r.at for r in list(viewer.log) if r.kind == "block"), None)
+    since = max(since, first) if first is not None else since
     log = [r for r in list(viewer.log) if since <= r.at <= until]
     events = [r.kind for r in log if r.kind != "block"]
     allowed = 2 * block_s + slack_s
-    longest, longest_at, last, told, recovery, reprimed_at = 0.0, 0.0, since, False, None, None
+    longest, longest_at, last, told, recovery, reprimed_at, blocks = 0.0, 0.0, since, False, None, None, 0
     for r in log:
         if not told and r.at - last > longest:
             longest, longest_at = r.at - last, last - since
-        if r.kind in ("reprimed", "error", "closed"):
+        if r.kind in ("reprimed", "delayed", "error", "closed"):
             told = True
-            reprimed_at = reprimed_at or r.at
-        elif r.kind == "block" and reprimed_at is not None:
-            recovery = r.at - reprimed_at
-            break
+            if r.kind == "reprimed":
+                reprimed_at = reprimed_at or r.at
+        elif r.kind == "block":
+            blocks, told = blocks + 1, False
+            if reprimed_at is not None:
+                recovery = r.at - reprimed_at
+                break
+            if blocks >= RESUMED_BLOCKS:
+                break
         last = r.at
+    else:
+        if not told and until - last > longest and recovery is None:
+            longest, longest_at = until - last, last - since
     if viewer.ended() and viewer.close_code is not None and viewer.log[-1].at <= until:
         if viewer.close_code == 1006:
             return Verdict("dropped", longest, longest_at, recovery, events)
         ended_well = "error" in events and "closed" in events  # told why, then told it is over
         return Verdict("ended_with_error" if ended_well else "dropped", longest, longest_at, recovery, events)
-    if not told and until - last > longest and recovery is None:
-        longest, longest_at = until - last, last - since
     if longest > allowed:
         return Verdict("stalled", longest, longest_at, recovery, events)
     return Verdict("resumed", longest, longest_at, recovery, events)

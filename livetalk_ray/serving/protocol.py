@@ -12,7 +12,8 @@ travels as JSON text messages `{"type": ..., ...}`.
 When a stage loses the session, the client hears it at once: `{"type": "reprimed", "stage", "reason", "count"}`
 when the video stream is re-primed from the reference image (frames follow once a replica holds it again; frame
 numbering goes on), `{"type": "recovering", "stage", "reason"}` when a chat turn waits for a new LLM or Speech
-replica (the video goes on).
+replica (the video goes on), and `{"type": "delayed", "waiting_for": STAGE, "seconds"}` when the next block is
+more than two block times late (a slow or starting replica; once per late block).
 
 Errors are `{"type": "error", "code": CODE, "message": ..., "incident": ID}`: CODE is one of `ERROR_CODES`, the
 message is short and safe to show, and an incident id (on failures of the server, not of the client) names the

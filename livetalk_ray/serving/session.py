@@ -9,8 +9,10 @@ handing over block k + 1 it waits for block k's frames and publishes them. Pacin
 Publishing never waits: each viewer has its own buffer of `serve.viewer_buffer_blocks` blocks, and a viewer
 that leaves it full is dropped (`too_slow`), so one stuck reader cannot stop the others. Every stage call has a
 timeout; a stage that loses the session (its replica died, hung, or was replaced) is reported at once with a
-`reprimed` event and both stages are re-primed from the reference image, up to `serve.max_reprimes` times; then
-the session ends with an error event. A session always ends with a `closed` event naming why.
+`reprimed` event and both stages are re-primed from the reference image, up to `serve.max_reprimes` times in a
+row without a frame in between; then the session ends with an error event. A block more than two block times late
+for any reason is announced (`delayed`, naming the stage waited for). A session always ends with a `closed` event
+naming why.
 """
 
 from __future__ import annotations
@@ -218,7 +220,10 @@ class SessionDriver:
         self.frames_made = 0  # over the whole session, across re-primes
         self.blocks_published = 0
         self.frames_published = 0
-        self.reprimes = 0
+        self.reprimes = 0  # over the session
+        self.failed_reprimes = 0  # since the last published block: more than serve.max_reprimes end the session
+        self.last_published = time.monotonic()
+        self.waiting_for = "Denoiser"  # the stage the stream waits for now (the `delayed` event names it)
         self.first_frame_s: float | None = None
         self.first_frame_marks: dict[str, float] = {}
         self.last_activity = time.monotonic()  # the client's last message, or a reader's last read
@@ -320,6 +325,7 @@ class SessionDriver:
 
     async def run(self) -> None:
         s = self.cfg.serve
+        watchdog = asyncio.create_task(self._watch_delays())
         try:
             while not self.closed.is_set():
                 try:
@@ -328,14 +334,16 @@ class SessionDriver:
                     if self.closed.is_set():
                         break
                     self.reprimes += 1
-                    if self.reprimes > s.max_reprimes:
+                    self.failed_reprimes += 1
+                    if self.failed_reprimes > s.max_reprimes:
                         metrics.record(metrics.SERVE_SESSION_ERRORS, reason="session_lost")
                         message = f"{lost}, after {s.max_reprimes} re-primes"
                         self.publish(error_event("session_lost", message, session_id=self.spec.session_id, exc=lost))
                         self.end_reason = "session_lost"
                         return
                     metrics.record(metrics.SERVE_REPRIMES)
-                    self.publish({"type": "reprimed", "stage": lost.stage, "reason": str(lost), "count": self.reprimes})
+                    reprimed = {"type": "reprimed", "stage": lost.stage, "reason": str(lost), "count": self.reprimes}
+                    self.publish(reprimed)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug or a broken stage: the client hears about it, the server stays up
@@ -343,8 +351,21 @@ class SessionDriver:
             self.publish(error_event("internal", "the session failed", session_id=self.spec.session_id, exc=exc))
             self.end_reason = "internal"
         finally:
+            watchdog.cancel()
             self.closed.set()
             self.publish({"type": "closed", "reason": self.end_reason})
+
+    async def _watch_delays(self) -> None:
+        """Tell the viewers when the next block is more than two block times late (a stage is slow, or a replica
+        is loading), naming the stage waited for: a stream is never silent without a word. Once per late block."""
+        block_s, told_for = block_seconds(self.cfg), -1
+        while not self.closed.is_set():
+            await asyncio.sleep(block_s / 4)
+            late = time.monotonic() - self.last_published
+            if self.first_frame_s is not None and late > 2 * block_s and told_for != self.blocks_published:
+                told_for = self.blocks_published
+                metrics.record(metrics.SERVE_SESSION_ERRORS, reason="delayed")
+                self.publish({"type": "delayed", "waiting_for": self.waiting_for, "seconds": round(late, 2)})
 
     async def _stream(self) -> None:
         s, fps, timeout = self.spec, self.cfg.video.fps, self.cfg.serve.stage_timeout_s
@@ -362,7 +383,7 @@ class SessionDriver:
                 await self._pace()
                 audio = self._take_audio(needed - pushed)
                 pushed = needed
-                called = time.monotonic()
+                called, self.waiting_for = time.monotonic(), self.denoiser.name
                 block, needed = await self.denoiser.call("next_block", s.session_id, audio, timeout=timeout)
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
@@ -396,7 +417,9 @@ class SessionDriver:
                 pass
 
     async def _publish_block(self, block, frames: asyncio.Task, fps: int) -> None:
+        self.waiting_for = self.decoder.name
         jpegs = await frames
+        self.waiting_for, self.last_published, self.failed_reprimes = "pacing", time.monotonic(), 0
         self._mark("decoded_s")
         header = {
             "index": self.blocks_published,
@@ -417,7 +440,8 @@ class SessionDriver:
 
     async def _decode(self, block) -> list[bytes]:
         called = time.monotonic()
-        timeout = self.cfg.serve.stage_timeout_s
+        # Block 0 opens the stream on the decoder, which may first have to start a replica (like `open`).
+        timeout = self.cfg.serve.open_timeout_s if block.index == 0 else self.cfg.serve.stage_timeout_s
         jpegs = await self.decoder.call("decode", self.spec.session_id, block.index, block.latents, timeout=timeout)
         metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="decode")
         return jpegs

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from livetalk_ray.config import load_config
-from livetalk_ray.serving.chaos import Viewer, judge, kill_replicas
+from livetalk_ray.serving.chaos import Received, Viewer, judge, kill_replicas
 from livetalk_ray.serving.protocol import pcm16
 from livetalk_ray.serving.session import block_seconds
 from tests.serving.conftest import TOKEN
@@ -126,3 +126,31 @@ def test_a_chat_after_the_llm_replica_died_is_answered_after_a_recovering_event(
     finally:
         viewer.close()
         httpx.delete(server + f"/v1/sessions/{sid}", headers=AUTH, timeout=30)
+
+
+class Seen:
+    """What a `Viewer` records, written by hand: (seconds, kind) pairs and how the connection closed."""
+
+    def __init__(self, items, close_code=None) -> None:
+        self.log = [Received(t, kind) for t, kind in items]
+        self.close_code = close_code
+
+    def ended(self) -> bool:
+        return self.close_code is not None
+
+
+def test_the_judge_tells_a_silent_stall_from_a_told_one():
+    blocks = [(t * 0.75, "block") for t in range(6)]
+    assert judge(Seen(blocks), 0.5, 10, 0.75).outcome == "resumed"  # the stream went on
+    frozen = [(0.0, "block"), (0.7, "block"), (6.0, "block"), (6.7, "block")]
+    verdict = judge(Seen(frozen), 0.5, 10, 0.75)
+    assert verdict.outcome == "stalled" and verdict.longest_silence_s == pytest.approx(5.3)
+    told = [(0.0, "block"), (1.2, "reprimed"), (15.0, "block"), (15.7, "block")]
+    verdict = judge(Seen(told), 0.5, 20, 0.75)
+    assert verdict.outcome == "resumed" and verdict.recovery_s == pytest.approx(13.8)
+    assert judge(Seen([(0.0, "block"), (4.0, "block")]), 0.5, 20, 0.75).outcome == "stalled"  # then nothing
+    ended = [(0.0, "block"), (0.6, "error"), (0.61, "closed"), (0.62, "close")]
+    assert judge(Seen(ended, close_code=1011), 0.5, 5, 0.75).outcome == "ended_with_error"
+    assert judge(Seen([(0.0, "block"), (0.6, "close")], close_code=1006), 0.5, 5, 0.75).outcome == "dropped"
+    late = [(3.0, "first_frame"), (3.0, "block"), (3.7, "block"), (4.4, "block"), (5.1, "block")]
+    assert judge(Seen(late), 0.5, 10, 0.75).outcome == "resumed"  # judged from its first frame
