@@ -122,6 +122,7 @@ class SessionStage:
         self.cfg, self.core = cfg, core
         self.batcher = MicroBatcher(run_batch, cfg.serve.batch_sessions, self.name)
         self.reaper: asyncio.Task | None = None
+        self._trim_pending = False  # a release of freed memory is scheduled
 
     def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
         if self.reaper is None:
@@ -136,7 +137,7 @@ class SessionStage:
     def _memory_back(self) -> None:
         """Give the memory of ended sessions back to the system, once per burst of releases (a second after the
         first): freed tensors stay in the allocator's arenas otherwise, and the replica keeps its peak size."""
-        if getattr(self, "_trim_pending", False):
+        if self._trim_pending:
             return
         self._trim_pending = True
 
