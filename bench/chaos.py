@@ -30,7 +30,7 @@ from rich.table import Table
 from livetalk_ray.cli.serve import served
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.chaos import STAGES, Viewer, judge
-from livetalk_ray.serving.loadtest import local_replica_memory
+from livetalk_ray.serving.loadtest import local_replica_memory, local_replicas
 from livetalk_ray.serving.protocol import pcm16
 from livetalk_ray.serving.session import block_seconds
 
@@ -39,17 +39,11 @@ BLOCK_S = block_seconds(load_config("toy"))
 
 def kill_stage(stage: str) -> list[str]:
     """Kill the replicas of one stage of the server's app, from outside its Ray (as an OOM killer would)."""
-    from livetalk_ray.serving.loadtest import _REPLICA_TITLE
-
     killed = []
-    for proc in __import__("psutil").process_iter(["cmdline", "pid"]):
-        title = " ".join(proc.info["cmdline"] or [])
-        for pattern in _REPLICA_TITLE:
-            match = pattern.search(title)
-            if match and match.group(1) == "livetalk" and match.group(2) == stage:
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(str(proc.info["pid"]))
-                break
+    for deployment, proc in local_replicas("livetalk"):
+        if deployment == stage:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed.append(str(proc.pid))
     return killed
 
 

@@ -113,16 +113,27 @@ def _one_session(base: str, token: str | None, portrait: str, seconds: float, re
 _REPLICA_TITLE = (re.compile(r"ServeReplica:([^:\s]+):(\w+)"), re.compile(r"SERVE_REPLICA::([^#\s]+)#(\w+)#"))
 
 
-def local_replica_memory(app: str) -> dict[str, float]:
-    """RSS in MB per deployment of `app`, summed over its replica processes on this machine."""
-    out: dict[str, float] = {}
-    for proc in psutil.process_iter(["cmdline", "memory_info"]):
+def local_replicas(app: str) -> list[tuple[str, psutil.Process]]:
+    """(deployment, process) of every replica of `app` running on this machine, found by process title."""
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
         for pattern in _REPLICA_TITLE:
             match = pattern.search(title)
-            if match and match.group(1) == app and proc.info["memory_info"] is not None:
-                out[match.group(2)] = out.get(match.group(2), 0.0) + proc.info["memory_info"].rss / 2**20
+            if match and match.group(1) == app:
+                out.append((match.group(2), proc))
                 break
+    return out
+
+
+def local_replica_memory(app: str) -> dict[str, float]:
+    """RSS in MB per deployment of `app`, summed over its replica processes on this machine."""
+    out: dict[str, float] = {}
+    for deployment, proc in local_replicas(app):
+        try:
+            out[deployment] = out.get(deployment, 0.0) + proc.memory_info().rss / 2**20
+        except psutil.Error:  # ended meanwhile
+            pass
     return out
 
 

@@ -104,10 +104,15 @@ class Stage:
             waiter.cancel()
             if self.is_handle:
                 response.cancel()  # the replica stops working on it, too
-            why = _why_lost(exc) if isinstance(exc, Exception) else None
-            if why is not None:
-                raise StageLost(self.name, why) from exc
+            lost = self._as_lost(exc)
+            if lost is not None:
+                raise lost from exc
             raise
+
+    def _as_lost(self, exc: BaseException) -> StageLost | None:
+        """`exc` as this stage losing the session, if that is what it means."""
+        why = _why_lost(exc) if isinstance(exc, Exception) else None
+        return StageLost(self.name, why) if why is not None else None
 
     async def _wait(self, waiter: asyncio.Future, method: str, timeout: float):
         loop = asyncio.get_running_loop()
@@ -138,9 +143,9 @@ class Stage:
                     return
                 except Exception as exc:
                     waiter.cancel()
-                    why = _why_lost(exc)
-                    if why is not None:
-                        raise StageLost(self.name, why) from exc
+                    lost = self._as_lost(exc)
+                    if lost is not None:
+                        raise lost from exc
                     raise
                 yield item
         finally:
