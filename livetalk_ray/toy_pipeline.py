@@ -81,6 +81,9 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
             vae__path=outputs["vae"]["vae_path"],
             train__vae__train_encoder=False,
             train__vae__window_frames=p.vae_decoder_window,
+            train__vae__crop=0,  # whole frames, as streams decode them
+            train__vae__clips_per_step=2,
+            train__vae__lr=p.vae_decoder_lr,
         )
         result = train_vae(tuned, out / "clips_train", out / "vae_decoder", p.vae_decoder_steps, resume=True)
         return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}
@@ -153,6 +156,7 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
     student = stage("export", export)["checkpoint"]
 
     def evaluate() -> dict:
+        from livetalk_ray.eval.longform import evaluate_long, markdown_long, portrait_talks, rows_for
         from livetalk_ray.eval.table import Candidate, evaluate, markdown
 
         (out / "eval").mkdir(exist_ok=True)
@@ -161,11 +165,18 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
             Candidate("ode", Path(ode_ckpt), True),
             Candidate("dmd", Path(student), True),
         ]
-        rows = evaluate(base, candidates, out / "shards_eval", seconds=p.eval_seconds, out_dir=out / "eval")
-        (out / "eval" / "eval.md").write_text(markdown(rows) + "\n")
-        (out / "eval" / "eval.json").write_text(json.dumps({"rows": rows}, indent=2))
-        console.print(markdown(rows), highlight=False)
-        return {"rows": rows}
+        # Clips: lip-sync and Fréchet distance on held-out training-length clips, and speed; long streams:
+        # identity and lip-sync second by second of held-out portraits, with and without sinks.
+        rows = evaluate(base, candidates, out / "shards_eval", seconds=10.0, out_dir=out / "eval", drift=False)
+        talks = portrait_talks(base, p.eval_seconds, p.eval_people)
+        long = evaluate_long(
+            base, rows_for(Path(teacher_ckpt), Path(ode_ckpt), Path(student)), talks, p.eval_seconds, out / "eval"
+        )
+        table = f"{markdown(rows)}\n\n{markdown_long(long)}\n"
+        (out / "eval" / "eval.md").write_text(table)
+        (out / "eval" / "eval.json").write_text(json.dumps({"rows": rows, "long": long}, indent=2))
+        console.print(table, highlight=False)
+        return {"rows": rows, "long": {k: long[k] for k in ("seconds", "people", "rows")}}
 
     stage("eval", evaluate)
     return outputs

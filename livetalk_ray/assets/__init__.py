@@ -40,24 +40,42 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def install_toy_weights(
-    student: str | Path, vae: str | Path, eval_rows: list[dict], provenance: dict, dest: Path = TOY_DIR
-) -> dict:
-    """Copy a student export and its VAE into `dest` with a manifest (provenance, eval table, sha256)."""
+def _copy_checkpoint(source: Path, dest: Path) -> None:
+    """A checkpoint's weights and its config, without the building machine's paths."""
     import yaml
 
-    student, vae = Path(student), Path(vae)
-    for path in (student / "model.safetensors", student / "config.yaml", vae / "config.json"):
+    dest.mkdir(parents=True)
+    shutil.copy2(source / "model.safetensors", dest / "model.safetensors")
+    config = yaml.safe_load((source / "config.yaml").read_text())
+    config["vae"]["path"] = None  # filled in at load time with the VAE beside it (with_embedded_weights)
+    _drop_paths(config)  # the building machine's run directories mean nothing where the weights land
+    (dest / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def install_toy_weights(
+    student: str | Path,
+    vae: str | Path,
+    eval_rows: list[dict],
+    provenance: dict,
+    dest: Path = TOY_DIR,
+    teacher: str | Path | None = None,
+    ode: str | Path | None = None,
+) -> dict:
+    """Copy a student export, its VAE and (optionally) the teacher and ODE student it came from into `dest`
+    (`teacher/`, `ode/`), with a manifest (provenance, eval table, sha256 of every file)."""
+    sources = {".": Path(student), **{name: Path(p) for name, p in (("teacher", teacher), ("ode", ode)) if p}}
+    for path in [
+        *(d / f for d in sources.values() for f in ("model.safetensors", "config.yaml")),
+        Path(vae) / "config.json",
+    ]:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing")
     staging = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    shutil.copy2(student / "model.safetensors", staging / "model.safetensors")
-    config = yaml.safe_load((student / "config.yaml").read_text())
-    config["vae"]["path"] = None  # filled in at load time with the VAE beside it (with_embedded_weights)
-    _drop_paths(config)  # the building machine's run directories mean nothing where the weights land
-    (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    _copy_checkpoint(sources.pop("."), staging)
+    for name, source in sources.items():
+        _copy_checkpoint(source, staging / name)
     shutil.copytree(vae, staging / "vae")
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {
@@ -72,9 +90,9 @@ def install_toy_weights(
 
 
 def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
-    """Install a finished `livetalk pipeline` run's student and VAE."""
+    """Install a finished `livetalk pipeline` run's teacher, ODE student, DMD student and VAE."""
     stages = Path(pipeline_dir) / "stages"
-    missing = [s for s in ("vae_decoder", "export", "eval") if not (stages / f"{s}.json").is_file()]
+    missing = [s for s in ("vae_decoder", "teacher", "ode", "export", "eval") if not (stages / f"{s}.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"{pipeline_dir} is not a finished pipeline run (stages not done: {', '.join(missing)})"
@@ -85,7 +103,13 @@ def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dic
         "stage_seconds": {s: m.get("seconds") for s, m in mark.items()},
     }
     return install_toy_weights(
-        mark["export"]["checkpoint"], mark["vae_decoder"]["vae_path"], mark["eval"]["rows"], provenance, dest
+        mark["export"]["checkpoint"],
+        mark["vae_decoder"]["vae_path"],
+        mark["eval"]["rows"],
+        provenance,
+        dest,
+        teacher=mark["teacher"]["checkpoint"],
+        ode=mark["ode"]["checkpoint"],
     )
 
 

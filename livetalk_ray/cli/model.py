@@ -127,40 +127,69 @@ def export(
 
 @friendly_errors
 def evaluate_command(
-    eval_data: Annotated[Path, typer.Option("--eval-data", help="held-out prepared shards")],
     teacher: Annotated[Path | None, typer.Option("--teacher", help="teacher checkpoint directory")] = None,
     ode: Annotated[Path | None, typer.Option("--ode", help="ODE-initialised student checkpoint")] = None,
     dmd: Annotated[Path | None, typer.Option("--checkpoint", "--dmd", help="DMD student (exported)")] = None,
-    seconds: Annotated[float, typer.Option("--seconds", min=1.0, help="stream length for identity drift")] = 60.0,
-    clips: Annotated[int, typer.Option("--clips", min=2, help="held-out clips scored")] = 8,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="directory for eval.md, eval.json, eval_samples.png")
+    people: Annotated[int, typer.Option("--people", min=1, max=6, help="bundled portraits streamed")] = 2,
+    seconds: Annotated[float, typer.Option("--seconds", min=2.0, help="seconds streamed per portrait")] = 60.0,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="held-out prepared shards: adds the clip table")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object with `rows`")] = False,
+    clips: Annotated[int, typer.Option("--clips", min=2, help="held-out clips of the clip table")] = 8,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="directory for eval.md, eval.json, identity_lipsync.png, strips.png"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: `long` (and `rows`)")] = False,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """The toy paper table: lip-sync, identity drift with and without sinks, Fréchet distance, FPS, TTFF."""
+    """The toy paper table: held-out portraits streamed for a minute by the truth, the VAE, the teacher and
+    both students (with and without identity sinks), scored second by second for identity and lip-sync.
+    Without model options it evaluates the shipped toy chain."""
     import json
 
-    from livetalk_ray.eval.table import Candidate, evaluate, markdown
+    from rich.progress import Progress
+
+    from livetalk_ray.assets import TOY_DIR, toy_weights_available, with_embedded_weights
+    from livetalk_ray.eval.longform import evaluate_long, markdown_long, portrait_talks, rows_for
 
     cfg = resolve_config(preset, config, set_)
-    candidates = [
-        Candidate(name, path, streaming)
-        for name, path, streaming in (("teacher", teacher, False), ("ode", ode, True), ("dmd", dmd, True))
-        if path is not None
-    ]
-    if not candidates:
-        raise ConfigError("name at least one model: --teacher, --ode or --checkpoint (the DMD student)")
+    if cfg.preset != "toy":
+        raise ConfigError("eval scores toy-world portraits, so it evaluates toy-preset models only (--preset toy)")
+    if teacher is None and ode is None and dmd is None:
+        if not toy_weights_available() or not (TOY_DIR / "teacher").is_dir():
+            raise ConfigError("no shipped toy chain here: name the models with --teacher, --ode and --checkpoint")
+        teacher, ode, dmd = TOY_DIR / "teacher", TOY_DIR / "ode", TOY_DIR
+    named = [Path(p).resolve() for p in (teacher, ode, dmd) if p is not None]
+    if any(p.is_relative_to(TOY_DIR.resolve()) for p in named):
+        cfg, _ = with_embedded_weights(cfg, TOY_DIR)  # the shipped VAE goes with the shipped models
+    for path in (teacher, ode, dmd):
+        if path is not None and not (Path(path) / "model.safetensors").is_file():
+            raise ConfigError(f"{path} is not a checkpoint directory (no model.safetensors)")
+    models = rows_for(teacher, ode, dmd)
+    with Progress(console=console, transient=True, disable=as_json) as bar:
+        task = bar.add_task("rendering held-out portraits", total=None)
+        talks = portrait_talks(cfg, seconds, people)
+        bar.update(task, description="streaming", total=len(talks) * len(models), completed=0)
+        long = evaluate_long(cfg, models, talks, seconds, out, progress=lambda *_: bar.advance(task))
+    result: dict = {"long": long}
+    tables = [markdown_long(long)]
+    if eval_data is not None:
+        from livetalk_ray.eval.table import Candidate, evaluate, markdown
+
+        candidates = [
+            Candidate(name, Path(path), streaming)
+            for name, path, streaming in (("teacher", teacher, False), ("ode", ode, True), ("dmd", dmd, True))
+            if path is not None
+        ]
+        result["rows"] = evaluate(cfg, candidates, eval_data, seconds=min(seconds, 10.0), clips=clips, out_dir=out)
+        tables.append(markdown(result["rows"]))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate(cfg, candidates, eval_data, seconds=seconds, clips=clips, out_dir=out)
-    if out is not None:
-        (out / "eval.md").write_text(markdown(rows) + "\n")
-        (out / "eval.json").write_text(json.dumps({"rows": rows}, indent=2))
+        (out / "eval.md").write_text("\n\n".join(tables) + "\n")
+        (out / "eval.json").write_text(json.dumps(result, indent=2))
     if as_json:
-        print(json.dumps({"rows": rows}))
+        print(json.dumps(result))
     else:
-        console.print(markdown(rows), highlight=False)
+        console.print("\n\n".join(tables), highlight=False)

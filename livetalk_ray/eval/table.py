@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.diffusion.pipeline import AvatarPipeline
 from livetalk_ray.eval.frechet import frame_features, frechet_distance
+from livetalk_ray.eval.longform import stream_student
 from livetalk_ray.models.checkpoint import load_checkpoint
 from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance
 from livetalk_ray.train.loop import load_stage
@@ -85,32 +84,6 @@ def _sample(reporter: Reporter, cand: Candidate, cfg: LiveTalkConfig, batch: dic
     return frames, denoised - start, time.perf_counter() - start
 
 
-def _stream(cfg: LiveTalkConfig, checkpoint: Path, image: np.ndarray, speech: np.ndarray, seconds: float):
-    """Frames of one stream and its timings: first block's latency and steady FPS, each also for the DiT's
-    work alone (denoise + cache refill)."""
-    pipe = AvatarPipeline(cfg, checkpoint)
-    ref = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
-    stream = pipe.open_stream(ref, "A person talks to the camera.", seed=REPORT_SEED)
-    need = int(seconds * cfg.audio.sample_rate)
-    stream.push_audio(np.resize(speech, need).astype(np.float32))
-    stream.finish_audio()
-    frames, starts, first_latency, dit_seconds = [], time.perf_counter(), None, []
-    while sum(len(f) for f in frames) < seconds * cfg.video.fps:
-        block = stream.next_block()
-        frames.append(block.frames)
-        dit_seconds.append(block.timings["denoise"] + block.timings["refill"])
-        if first_latency is None:
-            first_latency, steady_start = time.perf_counter() - starts, time.perf_counter()
-    steady_frames = sum(len(f) for f in frames[1:])
-    timing = {
-        "fps": steady_frames / max(time.perf_counter() - steady_start, 1e-9),
-        "ttff_s": first_latency,
-        "denoise_fps": steady_frames / max(sum(dit_seconds[1:]), 1e-9),
-        "denoise_ttff_s": dit_seconds[0],
-    }
-    return np.concatenate(frames), timing
-
-
 def evaluate(
     cfg: LiveTalkConfig,
     candidates: list[Candidate],
@@ -118,7 +91,10 @@ def evaluate(
     seconds: float = 60.0,
     clips: int = 8,
     out_dir: Path | None = None,
+    drift: bool = True,
 ) -> list[dict]:
+    """The table's rows. With `drift=False` each student streams `seconds` once, for its speed only (the
+    long-stream evaluation, eval/longform.py, measures identity second by second instead)."""
     cfg = cfg.model_copy(deep=True)
     cfg.train.eval_clips = clips
     reporter = Reporter(cfg, load_stage("teacher"), Path(out_dir or "."), data_dir=str(eval_data))
@@ -137,20 +113,25 @@ def evaluate(
         }
         grids.append(frame_grid(frames[:2], batch["ref_image"].numpy()[:2]))
         if cand.streaming:
-            drift = {}
-            for label, sinks in (("sinks", cfg.cache.sink_size), ("nosinks", 0)):
+            drifts = {}
+            for label, sinks in (("sinks", cfg.cache.sink_size), ("nosinks", 0))[: 2 if drift else 1]:
                 run_cfg = cfg.model_copy(deep=True)
                 run_cfg.cache.sink_size = sinks
-                stream, timing = _stream(
-                    run_cfg, cand.checkpoint, batch["ref_image"][0].numpy(), np.concatenate(list(audio)), seconds
+                stream, timing = stream_student(
+                    run_cfg,
+                    cand.checkpoint,
+                    batch["ref_image"][0].numpy(),
+                    np.concatenate(list(audio)),
+                    seconds,
+                    seed=REPORT_SEED,
                 )
                 window = 3 * fps
-                drift[label] = identity_distance(
+                drifts[label] = identity_distance(
                     identity_descriptor(stream[:window]), identity_descriptor(stream[-window:])
                 )
                 if label == "sinks":
                     row.update(timing, **frame_health(stream, truth_std))
-            for label, value in drift.items():  # a face no longer found: null drift and a flag (JSON has no inf)
+            for label, value in drifts.items() if drift else ():  # no face: null drift and a flag (JSON has no inf)
                 row[f"identity_drift_{label}"] = value if np.isfinite(value) else None
                 row[f"face_lost_{label}"] = not np.isfinite(value)
         else:

@@ -22,6 +22,8 @@ class VAEError(ValueError):
 
 def _build_from_config(cfg: VAEConfig, seed: int) -> AutoencoderKLWan:
     kwargs = {}
+    if cfg.z_dim != 16:  # diffusers' defaults are Wan 2.1's 16 channels; an untrained VAE of another width
+        kwargs.update(latents_mean=[0.0] * cfg.z_dim, latents_std=[1.0] * cfg.z_dim)  # starts unnormalised
     if cfg.latents_mean is not None:
         kwargs["latents_mean"] = cfg.latents_mean
     if cfg.latents_std is not None:

@@ -28,7 +28,7 @@ from ray import serve
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.models.image import ImageError, decode_reference_image
-from livetalk_ray.serving.portraits import portrait_png, portraits
+from livetalk_ray.serving.portraits import model_note, portrait_png, portraits
 from livetalk_ray.serving.protocol import (
     ProtocolError,
     close_code,
@@ -389,7 +389,7 @@ class Ingress:
     @app.get("/v1/portraits")
     async def list_portraits(self, request: Request) -> dict:
         self._auth(request)
-        return {"portraits": list(portraits())}
+        return {"portraits": list(portraits()), "model": model_note(self.cfg)}
 
     @app.get("/v1/portraits/{name}.png")
     async def get_portrait(self, name: str, request: Request) -> Response:

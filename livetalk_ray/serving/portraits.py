@@ -9,6 +9,20 @@ from functools import cache
 PORTRAIT_SEEDS = {"ada": 11, "bo": 23, "cy": 37, "dee": 41, "eli": 53, "fay": 67}
 
 
+TOY_NOTE = (
+    "The embedded toy model animates toy-world portraits: 64x64 drawn heads like the ones above, none of which"
+    " it saw in training. An uploaded photo becomes a toy-world head with the photo's colours. A real checkpoint"
+    " (livetalk serve --preset wan-1.3b --checkpoint DIR) animates real faces."
+)
+
+
+def model_note(cfg) -> str:
+    """One plain sentence for the page: what the served model animates."""
+    if cfg.preset == "toy":
+        return TOY_NOTE
+    return f"LiveTalk {cfg.preset} at {cfg.video.width}x{cfg.video.height}: animates the uploaded photo's face."
+
+
 def portraits() -> tuple[str, ...]:
     return tuple(PORTRAIT_SEEDS)
 

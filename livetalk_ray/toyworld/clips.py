@@ -78,30 +78,19 @@ class ClipInfo:
         }
 
 
-def caption_for(ident: Identity, energy: float) -> str:
-    """A plain-language description of the person and how they move, e.g. for the text encoder."""
-    shape = "round" if ident.face_aspect < 1.2 else "oval" if ident.face_aspect < 1.3 else "long"
-    hair = {
-        "short": f"short {ident.hair} hair",
-        "bangs": f"{ident.hair} hair with a fringe",
-        "curly": f"curly {ident.hair} hair",
-        "long": f"long {ident.hair} hair",
-    }[ident.hair_style]
+def caption_for(energy: float) -> str:
+    """The clip's motion prompt: how the person talks and moves, never what they look like.
+
+    Serving prompts are motion prompts ("A person talks to the camera."), so the appearance has to come from
+    the reference portrait alone; a caption naming hair, skin and shirt colours let a model trained on a few
+    hundred people draw them from the text and ignore the reference (issue 15)."""
     if energy < 0.45:
-        motion = "talks calmly with the head almost still"
+        motion = "talks calmly to the camera with the head almost still"
     elif energy < 0.75:
-        motion = "talks with gentle head movements"
+        motion = "talks to the camera with gentle head movements"
     else:
-        motion = "talks animatedly with lively head movements"
-    bg = f"{_a(ident.background)} gradient" if ident.background_gradient > 0 else f"a plain {ident.background}"
-    return (
-        f"{_a(shape).capitalize()}-faced person with {ident.skin} skin, {hair} and {ident.eyes} eyes, wearing "
-        f"{_a(ident.shirt)} top, {motion} against {bg} background."
-    )
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+        motion = "talks animatedly to the camera with lively head movements"
+    return f"A person {motion}."
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -192,7 +181,7 @@ def write_clip(
         paths["video"].write_text("This is not a video. It is a text file with an .mp4 name.\n")
 
     Image.fromarray(render_reference(ident, height * ref_scale, width * ref_scale)).save(paths["ref"])
-    caption = caption_for(ident, motion.energy)
+    caption = caption_for(motion.energy)
     if corruption == "missing_caption":
         paths["caption"].unlink(missing_ok=True)
     else:

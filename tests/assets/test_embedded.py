@@ -56,3 +56,18 @@ def test_the_shipped_weights_animate_held_out_faces_in_sync_with_speech(tmp_path
         assert frame_health(video, truth_std)["collapse"] == [], seed
         scores.append(lip_sync_score(video, speech, cfg.video.fps).score)
     assert np.mean(scores) > 0.3, scores
+
+
+@needs_weights
+def test_the_shipped_student_keeps_a_held_out_portraits_face_for_20_seconds():
+    """A bundled portrait (held out of training) streamed for 20 s: every second looks like its reference
+    (the toy world's identity distance; the truth scores 0.03 to 0.07, another person at least 0.18)."""
+    from livetalk_ray.eval.longform import OTHER_PERSON, held_out_talk, score_stream, stream_student
+    from livetalk_ray.serving.portraits import PORTRAIT_SEEDS
+
+    cfg, checkpoint = with_embedded_weights(load_config("toy"), None)
+    talk = held_out_talk(cfg, "cy", PORTRAIT_SEEDS["cy"], 20.0, seed=7)  # the README eval streams ada and bo
+    frames, _ = stream_student(cfg, checkpoint, talk.reference, talk.speech, 20.0)
+    scores = score_stream(frames, talk, cfg.video.fps, cfg.audio.sample_rate)
+    assert len(scores.identity) == 20
+    assert max(scores.identity) <= OTHER_PERSON, [round(d, 3) for d in scores.identity]

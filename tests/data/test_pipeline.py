@@ -66,7 +66,7 @@ def test_shards_have_the_schema_and_shapes(prepared):
     reader = ShardReader(root / "out", cfg)
     assert len(reader) == stats["accepted"]
     batch = next(reader.iter_batches(batch_size=2))
-    assert batch["latents"].shape == (2, 16, 9, 8, 8)
+    assert batch["latents"].shape == (2, cfg.vae.z_dim, 9, cfg.latent_height, cfg.latent_width)
     assert batch["audio_features"].shape == (2, 33, cfg.audio.feature_dim)
     assert batch["text_embedding"].shape == (2, cfg.text.max_length, cfg.text.d_model)
     assert batch["ref_image"].shape == (2, 64, 64, 3)
@@ -80,7 +80,7 @@ def test_ray_dataset_feeds_torch_batches(prepared):
     cfg, root, _, stats = prepared
     rows = 0
     for batch in ray_dataset(root / "out", cfg).iter_torch_batches(batch_size=4):
-        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (16, 1, 8, 8)
+        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (cfg.vae.z_dim, 1, 16, 16)
         rows += len(batch["latents"])
     assert rows == stats["accepted"]
 

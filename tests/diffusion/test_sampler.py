@@ -14,9 +14,13 @@ def randomized(cfg, causal=True):
     return model.eval()
 
 
+def latent_shape(cfg, frames):
+    return (cfg.vae.z_dim, frames, cfg.latent_height, cfg.latent_width)
+
+
 def conditions(cfg, blocks):
     h, w = cfg.latent_height, cfg.latent_width
-    ref = torch.randn(1, 16, 1, h, w)
+    ref = torch.randn(1, cfg.vae.z_dim, 1, h, w)
     text = torch.randn(1, cfg.text.max_length, cfg.model.text_dim)
     audio = torch.randn(1, 3 * blocks, 4, cfg.model.audio_feature_dim)
     return ref, text, audio
@@ -35,7 +39,7 @@ def test_streaming_sampler_equals_masked_recomputation(toy_cfg):
     y = reference_condition(ref, 9)
     clean = []
     for k in range(3):
-        x = torch.randn(1, 16, 3, 8, 8, generator=gen)
+        x = torch.randn(1, *latent_shape(toy_cfg, 3), generator=gen)
         for i, t in enumerate(sampler.timesteps):
             if k == 0:
                 x[:, :, :1] = ref
@@ -45,7 +49,9 @@ def test_streaming_sampler_equals_masked_recomputation(toy_cfg):
                 v = model(seq, tt, text, y[:, :, : 3 * k + 3], audio[:, : 3 * k + 3])[:, :, 3 * k :]
             x0 = flow.x0_from_v(x, v, t / 1000)
             if i + 1 < len(sampler.timesteps):
-                x = flow.add_noise(x0, torch.randn(1, 16, 3, 8, 8, generator=gen), sampler.timesteps[i + 1] / 1000)
+                x = flow.add_noise(
+                    x0, torch.randn(1, *latent_shape(toy_cfg, 3), generator=gen), sampler.timesteps[i + 1] / 1000
+                )
         if k == 0:
             x0[:, :, :1] = ref
         clean.append(x0)
@@ -77,7 +83,7 @@ def test_long_stream_keeps_a_constant_cache(tiny_cfg):
         for _ in range(2001 // 3 + 1):
             out = sampler.next_block(state, None)
         assert state.block_index * 3 >= 2001
-        assert state.cache.nbytes() == size and state.cache.num_cached_frames == 15
+        assert state.cache.nbytes() == size and state.cache.num_cached_frames == cfg.cache.local_attn_size
         assert torch.isfinite(out).all()
 
 
@@ -98,7 +104,7 @@ def test_teacher_sampler_keeps_student_states(toy_cfg):
     final, kept = sample_teacher(
         model,
         toy_cfg,
-        torch.randn(1, 16, 6, 8, 8),
+        torch.randn(1, *latent_shape(toy_cfg, 6)),
         ref,
         text,
         torch.zeros_like(text),

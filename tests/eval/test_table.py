@@ -48,7 +48,9 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
             "--checkpoint",
             student,
             "--seconds",
-            "1.5",
+            "2",
+            "--people",
+            "1",
             "--clips",
             "2",
             "--out",
@@ -58,7 +60,14 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
         ],
     )
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output.strip().splitlines()[-1])["rows"]
+    output = json.loads(result.output.strip().splitlines()[-1])
+    long = output["long"]
+    assert [r["model"] for r in long["rows"]] == ["truth", "truth (VAE)", "teacher", "dmd", "dmd (no sinks)"]
+    assert long["people"] == ["ada"] and len(long["curves"]["dmd"][0]["identity"]) == 2  # one value per second
+    for row in long["rows"]:
+        assert {"identity_1s", "identity_median", "seconds_other_person", "lipsync_mean"} <= set(row), row
+    assert long["rows"][0]["identity_median"] < 0.06  # the truth is the portrait's person
+    rows = output["rows"]
     assert [r["model"] for r in rows] == ["teacher", "dmd", "ground truth (VAE)"]
     keys = {"model", "lipsync", "identity_drift_sinks", "identity_drift_nosinks", "frechet", "fps", "ttff_s"}
     assert keys <= set(rows[0]) and keys <= set(rows[1])
@@ -68,11 +77,16 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
     assert rows[1]["denoise_fps"] > rows[1]["fps"]  # the DiT alone is faster than DiT + decode
     assert isinstance(rows[0]["collapse"], list) and isinstance(rows[1]["collapse"], list)
     assert (tmp_path / "eval" / "eval.md").read_text().startswith("| model |")
-    assert (tmp_path / "eval" / "eval_samples.png").is_file()
+    for picture in ("eval_samples.png", "identity_lipsync.png", "strips.png"):
+        assert (tmp_path / "eval" / picture).is_file(), picture
 
 
-def test_eval_needs_a_model(random_shards):
-    assert_user_error(CliRunner().invoke(app, ["eval", "--eval-data", str(random_shards)]), "name at least one model")
+def test_eval_of_a_real_preset_is_a_user_error():
+    assert_user_error(CliRunner().invoke(app, ["eval", "--preset", "wan-1.3b"]), "toy-preset models only")
+
+
+def test_eval_of_a_missing_checkpoint_is_a_user_error(tmp_path):
+    assert_user_error(CliRunner().invoke(app, ["eval", "--teacher", str(tmp_path)]), "not a checkpoint directory")
 
 
 def test_frame_health_names_each_kind_of_collapse():

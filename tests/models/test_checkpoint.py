@@ -219,7 +219,8 @@ def test_diffusers_weights_give_the_same_outputs(tmp_path: Path, monkeypatch: py
 def test_diffusers_t2v_into_the_audio_model_starts_as_the_base_model(tmp_path: Path) -> None:
     tr = tiny_diffusers(4, 32, 256, 64, 6)  # the toy preset's transformer, without audio and 16 channels
     tr.save_pretrained(tmp_path)
-    model, _ = toy_model()
+    # Wan's own latent layout (16 channels, 2x2 patches), not the toy's 4-channel one
+    model, _ = toy_model(**{"model.in_dim": 33, "model.out_dim": 16, "model.patch_size": "[1,2,2]", "vae.z_dim": 16})
     model.causal = False
     audio_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("audio")}
     report = import_weights(model, tmp_path)

@@ -11,8 +11,15 @@ def vae():
     return WanVAE(load_config("toy").vae)
 
 
+def latents_of(frames):
+    from livetalk_ray.config import load_config
+
+    cfg = load_config("toy")
+    return torch.randn(1, cfg.vae.z_dim, frames, cfg.latent_height, cfg.latent_width)
+
+
 def test_streaming_decode_equals_whole_clip(vae):
-    latents = torch.randn(1, 16, 9, 8, 8)
+    latents = latents_of(9)
     whole = vae.decode(latents)
     stream = vae.stream()
     parts = [stream.decode_block(latents[:, :, s : s + 3]) for s in range(0, 9, 3)]
@@ -22,7 +29,7 @@ def test_streaming_decode_equals_whole_clip(vae):
 
 
 def test_two_streams_do_not_share_state(vae):
-    a, b = torch.randn(1, 16, 6, 8, 8), torch.randn(1, 16, 6, 8, 8)
+    a, b = latents_of(6), latents_of(6)
     sa, sb = vae.stream(), vae.stream()
     sa.decode_block(a[:, :, :3])
     sb.decode_block(b[:, :, :3])
@@ -31,7 +38,7 @@ def test_two_streams_do_not_share_state(vae):
 
 def test_batched_decode_equals_each_stream_alone(vae):
     """Three streams decoded together, one of them joining at its first block (which decodes alone)."""
-    clips = [torch.randn(1, 16, 9, 8, 8) for _ in range(3)]
+    clips = [latents_of(9) for _ in range(3)]
     wholes = [vae.decode(c) for c in clips]
     streams = [vae.stream() for _ in range(3)]
     parts: list[list[torch.Tensor]] = [[], [], []]
@@ -46,7 +53,7 @@ def test_batched_decode_equals_each_stream_alone(vae):
 
 
 def test_encode_shape_and_frame_rule(vae):
-    assert vae.encode(torch.rand(1, 3, 17, 64, 64) * 2 - 1).shape == (1, 16, 5, 8, 8)
+    assert vae.encode(torch.rand(1, 3, 17, 64, 64) * 2 - 1).shape == latents_of(5).shape
     with pytest.raises(ValueError, match="4k\\+1"):
         vae.encode(torch.zeros(1, 3, 4, 64, 64))
 
@@ -69,5 +76,5 @@ def test_loads_a_local_diffusers_directory(vae, tmp_path):
     vae.model.save_pretrained(tmp_path / "root" / "vae")
     cfg = load_config("toy").vae.model_copy(update={"path": str(tmp_path / "root")})
     loaded = WanVAE(cfg)
-    latents = torch.randn(1, 16, 3, 8, 8)
+    latents = latents_of(3)
     assert torch.equal(loaded.decode(latents), vae.decode(latents))

@@ -142,7 +142,8 @@ def test_the_token_is_in_no_store_ray_lets_anyone_read(server):
             assert TOKEN.encode() not in value, key
             seen += 1
     assert seen > 0  # Serve's checkpoints were there to read
-    assert httpx.get(server + "/v1/portraits", headers=AUTH).status_code == 200  # the digest still lets it in
+    listing = httpx.get(server + "/v1/portraits", headers=AUTH)  # the digest still lets it in
+    assert listing.status_code == 200 and "toy-world portraits" in listing.json()["model"]  # the page says it
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**63), str(2**70), "abc"])

@@ -53,7 +53,7 @@ def test_states_are_the_teacher_samplers_own_states_for_the_clips_seed(trajector
     table = pq.read_table(files[0])
     assert table.num_rows == 4 and "latents" in table.column_names  # inputs are carried along
     states = np.array(table.column(STATES).combine_chunks().to_numpy_ndarray())
-    assert states.shape == (4, 5, 16, 9, 8, 8)
+    assert states.shape == (4, 5, cfg.vae.z_dim, 9, cfg.latent_height, cfg.latent_width)
     # Row 2 alone (another batch split than generation used) reproduces its trajectory from the clip's seed.
     from livetalk_ray.data.reader import table_to_batch
 
@@ -61,7 +61,9 @@ def test_states_are_the_teacher_samplers_own_states_for_the_clips_seed(trajector
     batch = table_to_batch(table.slice(2, 1))
     ref, text, audio = conditions(batch, cfg, "cpu", torch.float32)
     seed = noise_seed(cfg.runtime.seed, batch["clip_id"][0], 0)
-    noise = torch.randn((16, 9, 8, 8), generator=torch.Generator().manual_seed(seed))[None]
+    noise = torch.randn(
+        (cfg.vae.z_dim, 9, cfg.latent_height, cfg.latent_width), generator=torch.Generator().manual_seed(seed)
+    )[None]
     final, kept = sample_teacher(
         maker.teacher, cfg, noise, ref, text, torch.zeros_like(text), audio, keep_timesteps=student_timesteps(cfg)
     )
@@ -103,10 +105,11 @@ class Oracle(nn.Module):
 def test_loss_draws_one_student_timestep_per_block_and_regresses_x0_onto_the_end():
     cfg = train_cfg()
     g = torch.Generator().manual_seed(0)
-    states = torch.randn(3, 5, 16, 9, 8, 8, generator=g)
+    z, h = cfg.vae.z_dim, cfg.latent_height
+    states = torch.randn(3, 5, z, 9, h, h, generator=g)
     batch = {
         STATES: states,
-        "ref_latent": torch.randn(3, 16, 1, 8, 8, generator=g),
+        "ref_latent": torch.randn(3, z, 1, h, h, generator=g),
         "audio_features": torch.randn(3, 33, cfg.audio.feature_dim, generator=g),
         "text_embedding": torch.randn(3, cfg.text.max_length, cfg.text.d_model, generator=g),
     }

@@ -8,10 +8,10 @@ from livetalk_ray.train.teacher import teacher_loss
 
 def batch(cfg, b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    f = 9
+    f, z, h = 9, cfg.vae.z_dim, cfg.latent_height
     return {
-        "latents": torch.randn(b, 16, f, 8, 8, generator=g),
-        "ref_latent": torch.randn(b, 16, 1, 8, 8, generator=g),
+        "latents": torch.randn(b, z, f, h, h, generator=g),
+        "ref_latent": torch.randn(b, z, 1, h, h, generator=g),
         "audio_features": torch.randn(b, 4 * (f - 1) + 1, cfg.audio.feature_dim, generator=g),
         "text_embedding": torch.randn(b, cfg.text.max_length, cfg.text.d_model, generator=g),
     }

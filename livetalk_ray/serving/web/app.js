@@ -23,7 +23,9 @@ async function loadPortraits() {
   const res = await fetch("/v1/portraits", { headers: authHeaders() });
   if (res.status === 401) { log("this server needs a token: enter it above", "err"); return; }
   if (!res.ok) { log(`portraits: ${res.status} ${(await res.json()).detail}`, "err"); return; }
-  for (const name of (await res.json()).portraits) {
+  const listing = await res.json();
+  $("model-note").textContent = listing.model || "";
+  for (const name of listing.portraits) {
     const img = new Image();
     img.alt = name; img.title = name;
     const blob = await (await fetch(`/v1/portraits/${name}.png`, { headers: authHeaders() })).blob();
