@@ -81,9 +81,6 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
             vae__path=outputs["vae"]["vae_path"],
             train__vae__train_encoder=False,
             train__vae__window_frames=p.vae_decoder_window,
-            train__vae__crop=0,  # whole frames, as streams decode them
-            train__vae__clips_per_step=2,
-            train__vae__lr=p.vae_decoder_lr,
         )
         result = train_vae(tuned, out / "clips_train", out / "vae_decoder", p.vae_decoder_steps, resume=True)
         return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}

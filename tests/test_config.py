@@ -22,7 +22,7 @@ def test_overrides_and_yaml_round_trip(tmp_path):
 
 def test_derived_sizes():
     toy = load_config("toy")
-    assert (toy.latent_height, toy.tokens_per_frame) == (16, 16)
+    assert (toy.latent_height, toy.tokens_per_frame) == (8, 16)
     real = load_config("wan-1.3b")
     assert (real.latent_height, real.tokens_per_frame) == (64, 1024)
 

@@ -20,7 +20,8 @@ TINY = [
     "pipeline.teacher_steps=2",
     "pipeline.ode_steps=2",
     "pipeline.dmd_steps=3",
-    "pipeline.eval_seconds=1.5",
+    "pipeline.eval_seconds=2",
+    "pipeline.eval_people=1",
     "train.vae.eval_clips=2",
     "train.vae.clips_per_step=1",
     "model.dim=32",
@@ -56,7 +57,15 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
     # The run installs as shipped weights: student + VAE + a manifest whose hashes match the files.
     dest = tmp_path / "assets" / "toy"
     manifest = install_from_pipeline(tmp_path / "p", dest)
-    assert {"model.safetensors", "config.yaml", "vae/config.json"} <= set(manifest["sha256"])
+    shipped = {"model.safetensors", "config.yaml", "vae/config.json", "teacher/model.safetensors", "ode/config.yaml"}
+    assert shipped <= set(manifest["sha256"])
+    assert [r["model"] for r in manifest["eval_long"]["rows"]][2:] == [
+        "teacher",
+        "ode",
+        "ode (no sinks)",
+        "dmd",
+        "dmd (no sinks)",
+    ]
     for name, digest in manifest["sha256"].items():
         assert hashlib.sha256((dest / name).read_bytes()).hexdigest() == digest, name
     assert [r["model"] for r in manifest["eval"]][:3] == ["teacher", "ode", "dmd"]
@@ -65,5 +74,5 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
 
 def test_installing_an_unfinished_run_is_refused(tmp_path):
     (tmp_path / "stages").mkdir()
-    with pytest.raises(FileNotFoundError, match="stages not done: vae_decoder, export, eval"):
+    with pytest.raises(FileNotFoundError, match="stages not done: vae_decoder, teacher, ode, export, eval"):
         install_from_pipeline(tmp_path, tmp_path / "dest")

@@ -101,6 +101,7 @@ def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dic
     provenance = {
         "built_by": "livetalk pipeline --preset toy",
         "stage_seconds": {s: m.get("seconds") for s, m in mark.items()},
+        "eval_long": mark["eval"].get("long"),  # identity and lip-sync over long streams of held-out portraits
     }
     return install_toy_weights(
         mark["export"]["checkpoint"],

@@ -255,13 +255,13 @@ def evaluate_long(
                 timings[model.name] = timing
             if progress is not None:
                 progress(talk.name, model.name)
-    vae_lipsync = np.mean([s.summary()["lipsync_mean"] for s in scores.get("truth (VAE)", [])] or [np.nan])
+    vae_lipsync = np.mean([s.summary()["lipsync_mean"] for s in scores.get("truth (VAE)", [])] or [0.0])
     rows = []
     for model in models:
         per_talk = [s.summary() for s in scores[model.name]]
         row: dict = {"model": model.name}
         for mark in (m for m in MARKS_S if m <= seconds):
-            row[f"identity_{mark}s"] = float(np.median([s.identity_at(mark) for s in scores[model.name]]))
+            row[f"identity_{mark}s"] = _finite(np.median([s.identity_at(mark) for s in scores[model.name]]))
         row["identity_median"] = _median([p["identity_median"] for p in per_talk])
         row["identity_max"] = _max([p["identity_max"] for p in per_talk])
         row["seconds_other_person"] = int(sum(p["seconds_other_person"] for p in per_talk))
@@ -269,14 +269,18 @@ def evaluate_long(
         for mark in (m for m in MARKS_S if m <= seconds):
             row[f"lipsync_{mark}s"] = float(np.mean([s.lipsync_at(mark) for s in scores[model.name]]))
         row["lipsync_mean"] = float(np.mean([p["lipsync_mean"] for p in per_talk]))
-        row["lipsync_x_vae"] = row["lipsync_mean"] / vae_lipsync if np.isfinite(vae_lipsync) else None
+        row["lipsync_x_vae"] = row["lipsync_mean"] / vae_lipsync if vae_lipsync > 0 else None
         row.update(timings.get(model.name, {}))
         rows.append(row)
     result = {
         "seconds": seconds,
         "people": [t.name for t in talks],
         "rows": rows,
-        "curves": {name: [{"identity": s.identity, "lipsync": s.lipsync} for s in ss] for name, ss in scores.items()},
+        # JSON has no infinity: a second without a face is null
+        "curves": {
+            name: [{"identity": [_finite(d) for d in s.identity], "lipsync": s.lipsync} for s in ss]
+            for name, ss in scores.items()
+        },
     }
     if out_dir is not None:
         from livetalk_ray.eval.plots import plot_curves, save_strips
@@ -285,6 +289,10 @@ def evaluate_long(
         plot_curves(result, out_dir / "identity_lipsync.png")
         save_strips(strips, talks[0].reference, fps, out_dir / "strips.png")
     return result
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
 
 
 def _median(values: list) -> float | None:

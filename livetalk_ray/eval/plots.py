@@ -22,8 +22,8 @@ def plot_curves(result: dict, path: Path) -> None:
     for name, per_talk in result["curves"].items():
         base = name.removesuffix(" (no sinks)")
         style = "--" if base != name else "-"
-        ident = np.array([t["identity"] for t in per_talk], np.float64)
-        ident[~np.isfinite(ident)] = np.nan  # a lost face is a gap in the line
+        # a lost face (null) is a gap in the line
+        ident = np.array([[np.nan if d is None else d for d in t["identity"]] for t in per_talk], np.float64)
         seconds = np.arange(1, ident.shape[1] + 1)
         (line,) = top.plot(seconds, np.nanmean(ident, axis=0), style, lw=1.4, label=name, color=colours.get(base))
         colours.setdefault(base, line.get_color())

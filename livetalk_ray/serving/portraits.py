@@ -1,5 +1,5 @@
-"""Bundled portraits for the page's picker: toy-world identities the embedded toy model animates well
-(any uploaded photo works too; a real checkpoint animates real faces)."""
+"""Bundled portraits for the page's picker: toy-world identities that no training set contains (`livetalk
+eval` streams them as its held-out people), and the page's note on what the served model animates."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ PORTRAIT_SEEDS = {"ada": 11, "bo": 23, "cy": 37, "dee": 41, "eli": 53, "fay": 67
 
 
 TOY_NOTE = (
-    "The embedded toy model animates toy-world portraits: 64x64 drawn heads like the ones above, none of which"
-    " it saw in training. An uploaded photo becomes a toy-world head with the photo's colours. A real checkpoint"
-    " (livetalk serve --preset wan-1.3b --checkpoint DIR) animates real faces."
+    "The embedded toy model knows only toy-world portraits (64x64 drawn heads like these, none of them seen in"
+    " training) and draws any uploaded photo as such a head. For real faces, serve a real checkpoint:"
+    " livetalk serve --preset wan-1.3b --checkpoint DIR."
 )
 
 

@@ -80,7 +80,12 @@ def test_ray_dataset_feeds_torch_batches(prepared):
     cfg, root, _, stats = prepared
     rows = 0
     for batch in ray_dataset(root / "out", cfg).iter_torch_batches(batch_size=4):
-        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (cfg.vae.z_dim, 1, 16, 16)
+        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (
+            cfg.vae.z_dim,
+            1,
+            cfg.latent_height,
+            cfg.latent_width,
+        )
         rows += len(batch["latents"])
     assert rows == stats["accepted"]
 

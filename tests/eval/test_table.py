@@ -60,7 +60,9 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
         ],
     )
     assert result.exit_code == 0, result.output
-    output = json.loads(result.output.strip().splitlines()[-1])
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("{"), result.output[-800:]
+    output = json.loads(last)
     long = output["long"]
     assert [r["model"] for r in long["rows"]] == ["truth", "truth (VAE)", "teacher", "dmd", "dmd (no sinks)"]
     assert long["people"] == ["ada"] and len(long["curves"]["dmd"][0]["identity"]) == 2  # one value per second
