@@ -160,7 +160,10 @@ def evaluate_command(
         raise ConfigError("eval scores toy-world portraits, so it evaluates toy-preset models only (--preset toy)")
     if teacher is None and ode is None and dmd is None:
         if not toy_weights_available() or not (TOY_DIR / "teacher").is_dir():
-            raise ConfigError("no shipped toy chain here: name the models with --teacher, --ode and --checkpoint")
+            raise ConfigError(
+                "the shipped toy weights hold no teacher and ODE student yet: name the models with --teacher, "
+                f"--ode and --checkpoint (the shipped student: --checkpoint {TOY_DIR})"
+            )
         teacher, ode, dmd = TOY_DIR / "teacher", TOY_DIR / "ode", TOY_DIR
     named = [Path(p).resolve() for p in (teacher, ode, dmd) if p is not None]
     if any(p.is_relative_to(TOY_DIR.resolve()) for p in named):

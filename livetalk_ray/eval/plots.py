@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,10 @@ def plot_curves(result: dict, path: Path) -> None:
         # a lost face (null) is a gap in the line
         ident = np.array([[np.nan if d is None else d for d in t["identity"]] for t in per_talk], np.float64)
         seconds = np.arange(1, ident.shape[1] + 1)
-        (line,) = top.plot(seconds, np.nanmean(ident, axis=0), style, lw=1.4, label=name, color=colours.get(base))
+        with warnings.catch_warnings():  # a second no stream had a face in: the mean is NaN, a gap
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(ident, axis=0)
+        (line,) = top.plot(seconds, mean, style, lw=1.4, label=name, color=colours.get(base))
         colours.setdefault(base, line.get_color())
         lips = np.array([t["lipsync"] for t in per_talk], np.float64).mean(axis=0)
         mids = (np.arange(len(lips)) + 0.5) * LIPSYNC_WINDOW_S

@@ -107,3 +107,10 @@ def test_frame_health_names_each_kind_of_collapse():
     flat[20:40] = (128 + (flat[20:40].astype(np.int16) - 128) // 8).astype(np.uint8)  # a 1.25 s grey-out
     health = frame_health(flat, truth_std)
     assert health["collapse"] == ["vanishing frame variance"] and health["min_std_share"] < 0.5
+
+
+def test_eval_without_models_needs_a_shipped_teacher_and_ode(tmp_path, monkeypatch):
+    import livetalk_ray.assets
+
+    monkeypatch.setattr(livetalk_ray.assets, "TOY_DIR", tmp_path)  # weights without teacher/ and ode/
+    assert_user_error(CliRunner().invoke(app, ["eval"]), "hold no teacher and ODE student", "--checkpoint")
