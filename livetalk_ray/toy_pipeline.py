@@ -153,8 +153,8 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
     student = stage("export", export)["checkpoint"]
 
     def evaluate() -> dict:
-        from livetalk_ray.eval.longform import evaluate_long, markdown_long, portrait_talks, rows_for
-        from livetalk_ray.eval.table import Candidate, evaluate, markdown
+        from livetalk_ray.eval.longform import evaluate_long, portrait_talks, rows_for
+        from livetalk_ray.eval.table import Candidate, evaluate, write_report
 
         (out / "eval").mkdir(exist_ok=True)
         candidates = [
@@ -169,10 +169,8 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
         long = evaluate_long(
             base, rows_for(Path(teacher_ckpt), Path(ode_ckpt), Path(student)), talks, p.eval_seconds, out / "eval"
         )
-        table = f"{markdown(rows)}\n\n{markdown_long(long)}\n"
-        (out / "eval" / "eval.md").write_text(table)
-        (out / "eval" / "eval.json").write_text(json.dumps({"rows": rows, "long": long}, indent=2))
-        console.print(table, highlight=False)
+        _, table = write_report(long, rows, out / "eval")
+        console.print(table.rstrip("\n"), highlight=False)
         return {"rows": rows, "long": {k: long[k] for k in ("seconds", "people", "rows")}}
 
     stage("eval", evaluate)

@@ -153,7 +153,7 @@ def evaluate_command(
     from rich.progress import Progress
 
     from livetalk_ray.assets import TOY_DIR, toy_weights_available, with_embedded_weights
-    from livetalk_ray.eval.longform import evaluate_long, markdown_long, portrait_talks, rows_for
+    from livetalk_ray.eval.longform import evaluate_long, portrait_talks, rows_for
 
     cfg = resolve_config(preset, config, set_)
     if cfg.preset != "toy":
@@ -177,22 +177,18 @@ def evaluate_command(
         talks = portrait_talks(cfg, seconds, people)
         bar.update(task, description="streaming", total=len(talks) * len(models), completed=0)
         long = evaluate_long(cfg, models, talks, seconds, out, progress=lambda *_: bar.advance(task))
-    result: dict = {"long": long}
-    tables = [markdown_long(long)]
-    if eval_data is not None:
-        from livetalk_ray.eval.table import Candidate, evaluate, markdown
+    from livetalk_ray.eval.table import Candidate, evaluate, write_report
 
+    rows = None
+    if eval_data is not None:
         candidates = [
             Candidate(name, Path(path), streaming)
             for name, path, streaming in (("teacher", teacher, False), ("ode", ode, True), ("dmd", dmd, True))
             if path is not None
         ]
-        result["rows"] = evaluate(cfg, candidates, eval_data, seconds=min(seconds, 10.0), clips=clips, out_dir=out)
-        tables.append(markdown(result["rows"]))
-    if out is not None:
-        (out / "eval.md").write_text("\n\n".join(tables) + "\n")
-        (out / "eval.json").write_text(json.dumps(result, indent=2))
+        rows = evaluate(cfg, candidates, eval_data, seconds=min(seconds, 10.0), clips=clips, out_dir=out)
+    result, text = write_report(long, rows, out)
     if as_json:
         print(json.dumps(result))
     else:
-        console.print("\n\n".join(tables), highlight=False)
+        console.print(text.rstrip("\n"), highlight=False)

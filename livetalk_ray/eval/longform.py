@@ -29,7 +29,7 @@ from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance
 
 PROMPT = "A person talks to the camera."  # the page's default motion prompt
 LIPSYNC_WINDOW_S = 5
-SAME_PERSON, OTHER_PERSON = 0.037, 0.18  # identity distances calibrated in tests/toyworld/test_measure.py
+OTHER_PERSON = 0.18  # identity distance from which two people differ, calibrated in tests/toyworld/test_measure.py
 
 
 @dataclass

@@ -197,3 +197,18 @@ def markdown(rows: list[dict]) -> str:
 
     lines += ["| " + " | ".join(fmt(cell(r, c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_report(long: dict, rows: list[dict] | None, out_dir: Path | None) -> tuple[dict, str]:
+    """The long-stream table (and the clip table, when there is one) as one JSON object and one markdown
+    text, written to `out_dir`/eval.json and eval.md when a directory is given."""
+    import json
+
+    from livetalk_ray.eval.longform import markdown_long
+
+    result: dict = {"long": long} if rows is None else {"long": long, "rows": rows}
+    text = "\n\n".join([markdown_long(long), *([] if rows is None else [markdown(rows)])]) + "\n"
+    if out_dir is not None:
+        (out_dir / "eval.md").write_text(text)
+        (out_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    return result, text
