@@ -279,12 +279,17 @@ class VAETrainConfig(_Section):
     """Toy VAE fit (`livetalk train vae`): real presets use the pretrained Wan VAE instead."""
 
     lr: float = 1e-3
-    window_frames: int = 17  # 4k+1 video frames per training window
-    clips_per_step: int = 4
+    schedule: Literal["constant", "cosine"] = "cosine"
+    streams: int = 16  # live training streams (each a clip played forwards and backwards)
+    clips_per_step: int = 4  # streams advanced per step, picked at random from the live ones
+    chunk_latents: int = 4  # latent frames per stream per step (16 video frames at 4x temporal compression)
+    # mean chunks before a stream restarts on a new clip (10 x 16 frames = 10 s at 16 fps): long enough to cover
+    # the decoder's temporal reach, short enough that stream starts (the reference frame's path) train often
+    episode_chunks: int = 10
     kl_weight: float = 1e-6
     eval_clips: int = 4  # held-out clips for the PSNR report
-    # False: fine-tune the decoder only (e.g. on longer windows); latents, and every shard and model made
-    # from them, stay valid.
+    eval_stream_seconds: float = 12.0  # ... over each clip's first 33 frames and over a stream this long
+    # False: fine-tune the decoder only; latents, and every shard and model made from them, stay valid.
     train_encoder: bool = True
 
 
@@ -313,9 +318,7 @@ class PipelineConfig(_Section):
 
     train_clips: int = 160
     eval_clips: int = 16
-    vae_steps: int = 2000  # the shipped VAE had 2,100 steps (23.7 dB held-out); 800 gave 20.5 dB and a weaker chain
-    vae_decoder_steps: int = 300  # decoder-only, on whole clips, so frames past the fit windows decode too
-    vae_decoder_window: int = 37  # 4k+1 frames, at most the shortest demo clip (2.5 s = 40 frames)
+    vae_steps: int = 2000
     teacher_steps: int = 2500
     ode_steps: int = 3000  # an upper bound: the plateau detector ends the stage
     ode_lr: float = 2e-4

@@ -1,6 +1,6 @@
 """`livetalk pipeline`: the whole toy chain in one resumable command.
 
-    clips → vae → vae_decoder → shards → teacher → trajectories → ode → dmd → export → eval
+    clips → vae → shards → teacher → trajectories → ode → dmd → export → eval
 
 Each stage writes `OUT/stages/<name>.json` when it is done and is skipped on a rerun; a stage interrupted
 half-way continues from its own checkpoints (every stage below is resumable on its own). Step counts and
@@ -18,7 +18,7 @@ from rich.console import Console
 
 from livetalk_ray.config import LiveTalkConfig
 
-STAGES = ["clips", "vae", "vae_decoder", "shards", "teacher", "trajectories", "ode", "dmd", "export", "eval"]
+STAGES = ["clips", "vae", "shards", "teacher", "trajectories", "ode", "dmd", "export", "eval"]
 
 
 def _latest(run_dir: Path) -> str:
@@ -72,22 +72,10 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
         from livetalk_ray.train.vae import train_vae
 
         result = train_vae(cfg, out / "clips_train", out / "vae", p.vae_steps, resume=True)
-        return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}
-
-    def vae_decoder() -> dict:
-        from livetalk_ray.train.vae import train_vae
-
-        tuned = with_(
-            vae__path=outputs["vae"]["vae_path"],
-            train__vae__train_encoder=False,
-            train__vae__window_frames=p.vae_decoder_window,
-        )
-        result = train_vae(tuned, out / "clips_train", out / "vae_decoder", p.vae_decoder_steps, resume=True)
-        return {"vae_path": result["vae_path"], "psnr_db": result["history"][-1]["psnr_db"]}
+        return {"vae_path": result["vae_path"], **{k: v for k, v in result["history"][-1].items() if k != "step"}}
 
     stage("clips", clips)
-    stage("vae", vae)
-    vae_path = stage("vae_decoder", vae_decoder)["vae_path"]
+    vae_path = stage("vae", vae)["vae_path"]
     base = with_(vae__path=vae_path, train__eval_data=str(out / "shards_eval"))
 
     def shards() -> dict:

@@ -16,7 +16,6 @@ TINY = [
     "pipeline.train_clips=6",
     "pipeline.eval_clips=3",
     "pipeline.vae_steps=2",
-    "pipeline.vae_decoder_steps=1",
     "pipeline.teacher_steps=2",
     "pipeline.ode_steps=2",
     "pipeline.dmd_steps=3",
@@ -74,5 +73,5 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
 
 def test_installing_an_unfinished_run_is_refused(tmp_path):
     (tmp_path / "stages").mkdir()
-    with pytest.raises(FileNotFoundError, match="stages not done: vae_decoder, teacher, ode, export, eval"):
+    with pytest.raises(FileNotFoundError, match="stages not done: vae, teacher, ode, export, eval"):
         install_from_pipeline(tmp_path, tmp_path / "dest")

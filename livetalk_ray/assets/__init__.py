@@ -92,7 +92,7 @@ def install_toy_weights(
 def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
     """Install a finished `livetalk pipeline` run's teacher, ODE student, DMD student and VAE."""
     stages = Path(pipeline_dir) / "stages"
-    missing = [s for s in ("vae_decoder", "teacher", "ode", "export", "eval") if not (stages / f"{s}.json").is_file()]
+    missing = [s for s in ("vae", "teacher", "ode", "export", "eval") if not (stages / f"{s}.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"{pipeline_dir} is not a finished pipeline run (stages not done: {', '.join(missing)})"
@@ -105,7 +105,7 @@ def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dic
     }
     return install_toy_weights(
         mark["export"]["checkpoint"],
-        mark["vae_decoder"]["vae_path"],
+        mark["vae"]["vae_path"],
         mark["eval"]["rows"],
         provenance,
         dest,

@@ -98,32 +98,59 @@ class WanVAE:
         return VAEDecodeStream(self)
 
 
+def new_cache(model: AutoencoderKLWan, part: str) -> list:
+    """An empty feature cache of the causal encoder or decoder: one slot per causal conv."""
+    return [None] * model._cached_conv_counts[part]
+
+
+def detach_cache(cache: list) -> list:
+    """The same cache cut from the autograd graph (truncated backpropagation through a stream)."""
+    return [c.detach() if torch.is_tensor(c) else c for c in cache]
+
+
+def encode_chunk(model: AutoencoderKLWan, video: torch.Tensor, cache: list, frames_in: int) -> torch.Tensor:
+    """Posterior moments [B, 2z, f, h, w] of the next frames of a stream, as diffusers' whole-clip encode
+    makes them: the stream's first frame alone, then groups of 4 (`video` holds 1+4k frames at the start,
+    4k later). Gradients flow; the caller owns `cache` (and detaches it between training steps)."""
+    starts = [0] if frames_in == 0 else []
+    starts += range(1 if frames_in == 0 else 0, video.shape[2], 4)
+    out = []
+    for i, start in enumerate(starts):
+        end = 1 if (frames_in == 0 and i == 0) else start + 4
+        out.append(model.encoder(video[:, :, start:end], feat_cache=cache, feat_idx=[0]))
+    return model.quant_conv(torch.cat(out, dim=2))
+
+
+def decode_chunk(model: AutoencoderKLWan, z: torch.Tensor, cache: list, latents_in: int) -> torch.Tensor:
+    """Frames [B, 3, T, H, W] (unclamped) of the next raw latent frames of a stream; T = 4f, or 4f-3 at the
+    stream's start. Equal to diffusers' whole-clip decode of the same latents, frame for frame."""
+    x = model.post_quant_conv(z)
+    outs = [
+        model.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=latents_in + i == 0)
+        for i in range(x.shape[2])
+    ]
+    out = torch.cat(outs, dim=2)
+    if model.config.patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        out = unpatchify(out, patch_size=model.config.patch_size)
+    return out
+
+
 class VAEDecodeStream:
     """Decoder state of one stream: feed latent blocks in order, get their video frames at once."""
 
     def __init__(self, vae: WanVAE) -> None:
         self.vae = vae
-        self.feat_cache: list[torch.Tensor | None] = [None] * vae.model._cached_conv_counts["decoder"]
+        self.feat_cache: list = new_cache(vae.model, "decoder")
         self.frames_in = 0
 
     @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent frames [B, z, f, h, w] → video frames [B, 3, T, H, W] in [-1, 1] (T = 4f, or 4f-3 first)."""
-        model = self.vae.model
-        x = model.post_quant_conv((latents.float() * self.vae.std + self.vae.mean).to(self.vae.dtype))
-        outs = []
-        for i in range(x.shape[2]):
-            outs.append(
-                model.decoder(
-                    x[:, :, i : i + 1], feat_cache=self.feat_cache, feat_idx=[0], first_chunk=self.frames_in == 0
-                )
-            )
-            self.frames_in += 1
-        out = torch.cat(outs, dim=2)
-        if model.config.patch_size is not None:
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-            out = unpatchify(out, patch_size=model.config.patch_size)
+        z = (latents.float() * self.vae.std + self.vae.mean).to(self.vae.dtype)
+        out = decode_chunk(self.vae.model, z, self.feat_cache, self.frames_in)
+        self.frames_in += latents.shape[2]
         return out.clamp(-1.0, 1.0).float()
 
 

@@ -78,3 +78,31 @@ def test_loads_a_local_diffusers_directory(vae, tmp_path):
     loaded = WanVAE(cfg)
     latents = latents_of(3)
     assert torch.equal(loaded.decode(latents), vae.decode(latents))
+
+
+def test_chunked_encode_equals_whole_clip_encode(vae):
+    from livetalk_ray.models.vae import encode_chunk, new_cache
+
+    model = vae.model
+    video = torch.rand(2, 3, 17, 64, 64) * 2 - 1
+    whole = model.quant_conv(model.encoder(video[:, :, :1], feat_cache=new_cache(model, "encoder"), feat_idx=[0]))
+    with torch.no_grad():
+        reference = model.encode(video).latent_dist.parameters
+        cache = new_cache(model, "encoder")
+        parts = [encode_chunk(model, video[:, :, :9], cache, 0), encode_chunk(model, video[:, :, 9:], cache, 9)]
+    assert [p.shape[2] for p in parts] == [3, 2]  # 1 + 4 + 4 frames → 3 latents, then 8 → 2
+    assert torch.allclose(torch.cat(parts, 2), reference, atol=1e-5)
+    assert torch.allclose(whole, reference[:, :, :1], atol=1e-5)
+
+
+def test_chunks_train_through_the_current_chunk_only(vae):
+    from livetalk_ray.models.vae import decode_chunk, detach_cache, new_cache
+
+    model = vae.model
+    cache = new_cache(model, "decoder")
+    z = torch.randn(1, 16, 2, 8, 8, requires_grad=True)
+    decode_chunk(model, z, cache, 0).sum()  # the cache now holds features of z
+    assert any(torch.is_tensor(c) and c.requires_grad for c in cache)
+    cut = detach_cache(cache)
+    assert not any(torch.is_tensor(c) and c.requires_grad for c in cut)
+    assert all(torch.equal(a, b) for a, b in zip(cache, cut, strict=True) if torch.is_tensor(a))
