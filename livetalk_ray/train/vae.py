@@ -3,13 +3,14 @@ faithful for minutes. Real presets never train a VAE: they load the pretrained W
 
 The Wan VAE is causal with a feature cache, and serving runs it as one endless stream. A toy VAE fitted on
 short windows falls apart once a stream runs past them (its decoder's temporal receptive field is ~80 frames),
-so it is trained the way it is used: `clips_per_step` streams advance one chunk of `chunk_latents` latent
-frames per step, encoder and decoder caches carried from chunk to chunk and detached between steps (truncated
-backpropagation through the stream). A stream plays a clip forwards and backwards (no cuts) for
-`episode_chunks` chunks, then restarts on new clips; episodes also restart at every checkpoint, so a resumed
-run continues bit-exactly from weights and generator state alone. Loss per chunk: L1 + MSE of the posterior
-sample's reconstruction plus a small KL term. The report is held-out PSNR over the first 33 frames and over a
-long stream. The result is a diffusers directory (`vae/` inside each checkpoint) for `--set vae.path=...`.
+so it is trained the way it is used: each step advances `clips_per_step` of `streams` live streams, picked at
+random, by one chunk of `chunk_latents` latent frames, encoder and decoder caches carried from chunk to chunk
+and detached between steps (truncated backpropagation through the stream). A stream plays a clip forwards and
+backwards (no cuts) for about `episode_chunks` chunks, then a new stream on another clip takes its place; all
+streams restart at every checkpoint, so a resumed run continues bit-exactly from weights and generator state.
+Loss per chunk: L1 + MSE of the posterior sample's reconstruction plus a small KL term. The report is held-out
+PSNR over the first 33 frames and over a long stream. The result is a diffusers directory (`vae/` inside each
+checkpoint) for `--set vae.path=...`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Stream:
         self.length = int(
             torch.randint(max(1, episode_chunks // 2), episode_chunks * 3 // 2 + 1, (1,), generator=generator)
         )
-        self.frames_in = self.latents_in = self.chunks = 0
+        self.frames_in = self.chunks = 0  # chunks done; a stream with none yet starts at its first frame
         self.encoder_cache: list | None = None
         self.decoder_cache: list | None = None
 
@@ -146,7 +147,7 @@ def stream_loss(model, picked: list[Stream], latents: int, kl_weight: float, gen
         groups.setdefault(stream.key(), []).append(stream)
     total, frames = 0.0, 0
     for group in groups.values():
-        latents_in = group[0].latents_in
+        latents_in = group[0].chunks * latents
         video = to_video(np.stack([s.next_frames(latents, temporal) for s in group])).to(device)
         encoder_cache = _stack_caches(model, "encoder", [s.encoder_cache for s in group])
         decoder_cache = _stack_caches(model, "decoder", [s.decoder_cache for s in group])
@@ -160,7 +161,6 @@ def stream_loss(model, picked: list[Stream], latents: int, kl_weight: float, gen
             group, _split_cache(encoder_cache, len(group)), _split_cache(decoder_cache, len(group)), strict=True
         ):
             stream.encoder_cache, stream.decoder_cache = enc, dec
-            stream.latents_in += latents
     return total / frames
 
 
