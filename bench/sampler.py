@@ -70,7 +70,7 @@ def measure_toy(blocks: int) -> dict:
         "realtime_factor": frames / cfg.video.fps / wall,
         "first_block_latency_s": first_latency,
         "median_block_s": median,
-        "per_step_s": median["denoise"] / len(pipe.sampler.timesteps),
+        "per_step_s": median["denoise"] / len(pipe.sampler.steps.timesteps),
         "blocks_detail": rows,
         "torch_threads": torch.get_num_threads(),
     }

@@ -92,13 +92,16 @@ class VAEConfig(_Section):
     dim_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 4])
     num_res_blocks: int = 2
     temperal_downsample: list[bool] = Field(default_factory=lambda: [False, True, True])
+    # Wan 2.2-style pixel patchify before the encoder (None: Wan 2.1); each patch side halves the conv work.
+    patch_size: int | None = None
+    decoder_base_dim: int | None = None  # None: base_dim (a wider decoder than encoder is allowed)
     # Per-channel latent normalisation; None takes diffusers' Wan 2.1 defaults (16 channels; others: 0 / 1).
     latents_mean: list[float] | None = None
     latents_std: list[float] | None = None
 
     @property
     def spatial_factor(self) -> int:
-        return 2 ** (len(self.dim_mult) - 1)
+        return 2 ** (len(self.dim_mult) - 1) * (self.patch_size or 1)
 
     @property
     def temporal_factor(self) -> int:
@@ -117,6 +120,10 @@ class AudioEncoderConfig(_Section):
     # Streaming windows: seconds of audio before the block (left context) and after it (lookahead).
     left_context_s: float = 2.0
     lookahead_s: float = 0.5
+    # Frame k reads the audio centred on k/fps + this. LiveTalk's released inference stretches a whole clip's
+    # features onto its frames instead (not possible in a stream); -0.0075 is the closest constant over a
+    # 5 s clip (README, design notes; bench/audio_alignment.py). Training and inference must use the same.
+    frame_offset_s: float = 0.0
 
     @property
     def feature_dim(self) -> int:
@@ -132,7 +139,14 @@ class TextEncoderConfig(_Section):
     num_layers: int = 24
     num_heads: int = 64
     d_ff: int = 10240
-    negative_prompt: str = ""
+
+
+# Wan 2.1's default negative prompt (a config value of Wan, OmniAvatar and LiveTalk's DMD).
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
 
 
 class SamplerConfig(_Section):
@@ -141,12 +155,19 @@ class SamplerConfig(_Section):
     shift: float = 5.0
     num_train_timesteps: int = 1000
     student_steps: int = 4  # shifted schedule: t = [1000, 937.5, 833.3, 625] for 4 steps, shift 5
-    student_timesteps: list[float] | None = None  # an explicit list overrides it (LiveTalk trains on 1000/936/832/624)
+    student_timesteps: list[float] | None = None  # an explicit list of 1000·σ overrides the shifted grid
+    # The precision the student's timesteps reach the model in. LiveTalk's released inference runs in bf16, so
+    # [1000, 937.5, 833.3, 625] arrive as [1000, 936, 832, 624] while σ stays on the float grid (0.9375 at
+    # 936): "bfloat16" reproduces the released checkpoints exactly, whatever `runtime.dtype` is.
+    student_timestep_dtype: Literal["float32", "bfloat16"] = "bfloat16"
     teacher_steps: int = 48
     # Standard CFG scales: v = v_u + g_text·(v_text - v_u) + g_audio·(v_cond - v_text). LiveTalk's DMD
     # "5" is written cond + 5·(cond - uncond), i.e. 6 in this convention.
     text_guidance: float = 6.0
     audio_guidance: float = 6.0
+    # The unconditional text of teacher CFG (sampling, ODE trajectories, DMD teacher scores): Wan's default
+    # negative prompt, as OmniAvatar and LiveTalk's DMD use it. "" = zeros (the toy teacher's dropped text).
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
 
 
 class DataConfig(_Section):
@@ -484,6 +505,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             },
         },
         "runtime": {"dtype": "float32"},
+        # the toy chain trains on its own float steps, and its teacher learnt "no text" as zeros
+        "sampler": {"student_timestep_dtype": "float32", "negative_prompt": ""},
     },
 }
 
@@ -533,6 +556,15 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid config: " + "; ".join(problems)
 
 
+def _migrate(file_data: dict[str, Any]) -> None:
+    """Configs saved by earlier versions: `text.negative_prompt` (never used) is `sampler.negative_prompt`."""
+    text = file_data.get("text")
+    if isinstance(text, dict) and "negative_prompt" in text:
+        prompt = text.pop("negative_prompt")
+        if prompt:
+            file_data.setdefault("sampler", {}).setdefault("negative_prompt", prompt)
+
+
 def load_config(
     preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> LiveTalkConfig:
@@ -552,6 +584,7 @@ def load_config(
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     data = _deep_merge({"preset": name}, PRESETS[name])
+    _migrate(file_data)
     data = _deep_merge(data, {k: v for k, v in file_data.items() if k != "preset"})
     for item in overrides or []:
         keys, value = _parse_override(item)

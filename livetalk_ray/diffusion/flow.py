@@ -5,6 +5,8 @@ x_t = (1 - σ)·x0 + σ·ε, the model predicts v = ε - x0, σ(s) = shift·s / 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from livetalk_ray.config import SamplerConfig
@@ -16,7 +18,7 @@ class FlowSchedule:
         self.num_train_timesteps = cfg.num_train_timesteps
 
     def shift_sigma(self, s: torch.Tensor | float) -> torch.Tensor:
-        s = torch.as_tensor(s, dtype=torch.float64)
+        s = s.to(torch.float64) if torch.is_tensor(s) else torch.tensor(s, dtype=torch.float64)
         return self.shift * s / (1 + (self.shift - 1) * s)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
@@ -33,8 +35,10 @@ class FlowSchedule:
     def sample_train_timesteps(
         self, shape, generator: torch.Generator | None = None, min_t: float = 0.0, max_t: float = 1000.0
     ) -> torch.Tensor:
-        """Training timesteps: uniform u, shifted, clamped to [min_t, max_t] (DMD uses [20, 980])."""
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
+        """Training timesteps: uniform u, shifted, clamped to [min_t, max_t] (DMD uses [20, 980]). Drawn on the
+        generator's device (a CUDA generator cannot fill a CPU tensor), float64."""
+        device = generator.device if generator is not None else None
+        u = torch.rand(shape, generator=generator, dtype=torch.float64, device=device)
         return (self.shift_sigma(u) * self.num_train_timesteps).clamp(min_t, max_t)
 
     @staticmethod
@@ -60,3 +64,24 @@ class FlowSchedule:
     @staticmethod
     def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return noise - x0
+
+
+@dataclass(frozen=True)
+class StudentSteps:
+    """The few-step student's schedule: the noise level σ of each step and the timestep the model is told
+    there (1000·σ rounded to `timestep_dtype`, the dtype of the timestep tensor the model receives, which
+    also sets the precision of its sinusoidal time embedding, as in Wan)."""
+
+    sigmas: tuple[float, ...]
+    timesteps: tuple[float, ...]
+    timestep_dtype: torch.dtype
+
+
+def student_steps(cfg: SamplerConfig) -> StudentSteps:
+    """The student's steps: `sampler.student_timesteps` if set, else the shifted `student_steps`-step grid."""
+    schedule = FlowSchedule(cfg)
+    grid = cfg.student_timesteps or schedule.timesteps(cfg.student_steps).tolist()
+    sigmas = tuple(float(t) / schedule.num_train_timesteps for t in grid)
+    dtype = getattr(torch, cfg.student_timestep_dtype)
+    timesteps = tuple(float(torch.tensor(float(t)).to(dtype)) for t in grid)
+    return StudentSteps(sigmas, timesteps, dtype)

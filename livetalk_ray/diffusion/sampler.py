@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.diffusion.flow import FlowSchedule
+from livetalk_ray.diffusion.flow import FlowSchedule, student_steps
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.models.kv_cache import KVCache
 
@@ -98,8 +98,7 @@ class StreamingSampler:
     def __init__(self, model: WanDiT, cfg: LiveTalkConfig) -> None:
         self.model, self.cfg = model.eval(), cfg
         self.schedule = FlowSchedule(cfg.sampler)
-        steps = cfg.sampler.student_timesteps or self.schedule.timesteps(cfg.sampler.student_steps).tolist()
-        self.timesteps = [float(t) for t in steps]
+        self.steps = student_steps(cfg.sampler)
         self.fpb = cfg.cache.frames_per_block
 
     def start(self, ref_latent: torch.Tensor, text: torch.Tensor, seed: int = 0) -> StreamState:
@@ -126,14 +125,21 @@ class StreamingSampler:
         return time.perf_counter()
 
     def next_block(
-        self, state: StreamState, audio: torch.Tensor | None, exit_step: int | None = None, grad: bool = False
+        self,
+        state: StreamState,
+        audio: torch.Tensor | None,
+        exit_step: int | None = None,
+        grad: bool = False,
+        noise: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Generate the next block of latents [B, C, fpb, h, w]; `audio` is grouped [B, fpb, 4, D].
 
         `exit_step` ends the block after that denoising step and returns its x0 (Self-Forcing's training
         rollout); with `grad` that one forward keeps its graph, every other pass runs without. Per-phase
-        seconds of this block go to `state.timings` (denoise, refill)."""
-        return self.next_blocks([state], None if audio is None else [audio], exit_step, grad)[0]
+        seconds of this block go to `state.timings` (denoise, refill). `noise` replaces the generator's draws
+        in the order they are made: the block's initial noise, then the fresh noise of each re-noising."""
+        audios = None if audio is None else [audio]
+        return self.next_blocks([state], audios, exit_step, grad, None if noise is None else [noise])[0]
 
     def next_blocks(
         self,
@@ -141,6 +147,7 @@ class StreamingSampler:
         audios: list[torch.Tensor] | None,
         exit_step: int | None = None,
         grad: bool = False,
+        noises: list[list[torch.Tensor]] | None = None,
     ) -> list[torch.Tensor]:
         """`next_block` for several streams in one batch (cross-session batching). Each stream draws its
         noise from its own generator and may be at any block, so a stream's blocks do not depend on which
@@ -157,28 +164,32 @@ class StreamingSampler:
         audio = None if audios is None else torch.cat(audios)
         texts, caches = [s.text for s in states], [s.cache for s in states]
         B, C, _, h, w = ref.shape
+        draws = 0
 
         def noise() -> torch.Tensor:
-            shapes = [(b, C, fpb, h, w) for b in sizes]
-            return torch.cat(
-                [
-                    torch.randn(sh, generator=s.generator, device=device, dtype=dtype)
-                    for sh, s in zip(shapes, states, strict=True)
-                ]
-            )
+            nonlocal draws
+            parts = []
+            for i, (b, s) in enumerate(zip(sizes, states, strict=True)):
+                if noises is not None:
+                    parts.append(noises[i][draws].to(device, dtype))
+                else:
+                    parts.append(torch.randn((b, C, fpb, h, w), generator=s.generator, device=device, dtype=dtype))
+            draws += 1
+            return torch.cat(parts)
 
-        last = len(self.timesteps) - 1 if exit_step is None else exit_step
+        timesteps, sigmas = self.steps.timesteps, self.steps.sigmas
+        last = len(timesteps) - 1 if exit_step is None else exit_step
         x = noise()
         t0 = self._sync()
-        for i, t in enumerate(self.timesteps[: last + 1]):
+        for i, t in enumerate(timesteps[: last + 1]):
             if first_block.any():
                 x[first_block, :, :1] = ref[first_block]
-            tt = torch.full((B, fpb), t, device=device)
+            tt = torch.full((B, fpb), t, device=device, dtype=self.steps.timestep_dtype)
             with torch.set_grad_enabled(grad and i == last):
                 v = self.model.forward_cached_many(x, tt, texts, y, caches, starts, audio)
-                x0 = self.schedule.x0_from_v(x, v, t / self.schedule.num_train_timesteps)
+                x0 = self.schedule.x0_from_v(x, v, sigmas[i])
             if i < last:
-                x = self.schedule.add_noise(x0, noise(), self.timesteps[i + 1] / self.schedule.num_train_timesteps)
+                x = self.schedule.add_noise(x0, noise(), sigmas[i + 1])
         if first_block.any():  # the known reference frame, kept out of the graph
             keep = (
                 first_block[:, None, None, None, None]
@@ -191,7 +202,7 @@ class StreamingSampler:
             clean = x0.detach()
             if context_t > 0:
                 clean = self.schedule.add_noise(clean, noise(), context_t / self.schedule.num_train_timesteps)
-            refill_t = torch.full((B, fpb), context_t, device=device)
+            refill_t = torch.full((B, fpb), context_t, device=device, dtype=self.steps.timestep_dtype)
             self.model.forward_cached_many(clean, refill_t, texts, y, caches, starts, audio)
         t2 = self._sync()
         for state in states:

@@ -95,7 +95,8 @@ class AudioEncoder:
     ) -> torch.Tensor:
         """Time-exact encoding of the video frames [f0, f1) → [f1 - f0, feature_dim].
 
-        Frame k sits at sample k*sr/fps, `wave[0]` is sample `offset`, audio outside `wave` is silence.
+        Frame k sits at sample (k/fps + audio.frame_offset_s)*sr, `wave[0]` is sample `offset`, audio outside
+        `wave` is silence.
         CNN frames lie on one absolute 20 ms grid and are linearly interpolated at the exact frame times
         (still to the window's frame count, before the transformer), so windows of a stream and a whole
         clip encoded this way differ only through context. `encode`'s align_corners mapping instead puts
@@ -103,7 +104,7 @@ class AudioEncoder:
         """
         if f1 <= f0:
             raise ValueError(f"bad frame range [{f0}, {f1})")
-        times = torch.arange(f0, f1, dtype=torch.float64) * (self.sample_rate / fps) / self.hop
+        times = self._frame_samples(torch.arange(f0, f1, dtype=torch.float64), fps) / self.hop
         p_lo, p_hi = math.floor(times[0].item()), math.ceil(times[-1].item())
         a, b = self.span_samples(p_lo, p_hi)
         lo, hi = min(max(a - offset, 0), len(wave)), min(max(b - offset, 0), len(wave))
@@ -124,6 +125,9 @@ class AudioEncoder:
         """A whole clip in the time-exact convention of `encode_frames` (frames [0, num_frames))."""
         return self.encode_frames(wave, fps, 0, num_frames)
 
+    def _frame_samples(self, frames: torch.Tensor, fps: float) -> torch.Tensor:
+        return frames * (self.sample_rate / fps) + self.cfg.frame_offset_s * self.sample_rate
+
     def span_samples(self, p_lo: int, p_hi: int) -> tuple[int, int]:
         """Absolute samples [a, b) feeding CNN grid frames p_lo..p_hi (frame p centred on sample hop*p)."""
         half = self.receptive_field // 2
@@ -131,7 +135,8 @@ class AudioEncoder:
 
     def last_sample_needed(self, fps: float, frame: int) -> int:
         """Samples that must exist to encode `frame` with real audio (its time plus CNN margin)."""
-        return self.span_samples(0, math.ceil(frame * self.sample_rate / fps / self.hop))[1]
+        position = float(self._frame_samples(torch.tensor(float(frame), dtype=torch.float64), fps)) / self.hop
+        return self.span_samples(0, math.ceil(position))[1]
 
     def _cnn(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.feature_extractor(x[None].to(self.dtype)).float()  # [1, C, T] at ~50 Hz

@@ -25,11 +25,14 @@ from livetalk_ray.models.kv_cache import CacheView, KVCache
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
-    """Wan's timestep embedding: cos then sin, computed in float64 from the raw timestep in [0, 1000]."""
+    """Wan's timestep embedding: cos then sin, computed in float64 from the raw timestep in [0, 1000] and
+    returned in the timestep's own precision (a bf16 timestep gives a bf16-rounded embedding, as in
+    LiveTalk's released inference)."""
     half = dim // 2
     freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device).div(half))
     angles = torch.outer(t.flatten().to(torch.float64), freqs)
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    out = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    return out.to(t.dtype if t.is_floating_point() else torch.float32)
 
 
 def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
@@ -38,7 +41,7 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [S, head_dim/2] float32 on the model's device
+Rope = torch.Tensor  # unit complex64 rotations [S, head_dim/2] (or per row [B, S, head_dim/2]) on the model's device
 
 
 def rope_table(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int, device) -> Rope:
@@ -61,17 +64,21 @@ def rope_table(head_dim: int, theta: float, t_pos: torch.Tensor, h: int, w: int,
         ],
         dim=-1,
     ).reshape(f * h * w, head_dim // 2)
-    return torch.cos(angles).to(device, torch.float32), torch.sin(angles).to(device, torch.float32)
+    return _unit_rotations(angles, device)
+
+
+def _unit_rotations(angles: torch.Tensor, device) -> Rope:
+    """cos + i·sin of float64 angles, each part rounded to float32."""
+    return torch.complex(torch.cos(angles).float(), torch.sin(angles).float()).to(device)
 
 
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate consecutive channel pairs of x [B, S, heads, head_dim] (Wan's complex-pair layout); the
-    rotations are shared [S, head_dim/2] or per row [B, S, head_dim/2]."""
-    cos, sin = (r[None, :, None] if r.dim() == 2 else r[:, :, None] for r in rope)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    """Rotate consecutive channel pairs of head-major x [B, heads, S, head_dim] (Wan's complex-pair layout) by
+    one complex multiplication in float32; the rotations are shared [S, head_dim/2] or per row [B, S, head_dim/2].
+    The result is contiguous, as attention reads it best."""
+    rotations = rope[None, None] if rope.dim() == 2 else rope[:, None]
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotations).flatten(-2).to(x.dtype)
 
 
 def block_causal_mask(num_frames: int, frames_per_block: int, tokens_per_frame: int, device) -> torch.Tensor:
@@ -102,6 +109,27 @@ def _rows(per_stream: list[tuple[torch.Tensor, ...]], item: int, rows: list[slic
     return torch.cat(parts)
 
 
+TextKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # keys, values [B, heads, L, hd]; logit bias
+
+
+def drop_text_padding(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text rows past each prompt's end are zeros (Wan pads umT5 output so), hence identical keys and values:
+    keep one of them per prompt and weight it by how many it stands for, a logit bias of log(count).
+    Attention over the kept rows equals attention over all of them (exactly, up to float rounding) at a
+    fraction of the cost. Returns the kept context [B, L', D] and the bias [B, 1, 1, L'] (None: nothing to drop)."""
+    b, length, _ = context.shape
+    positions = torch.arange(length, device=context.device)
+    real = context.detach().abs().amax(dim=-1) > 0
+    lengths = torch.where(real, positions + 1, 0).amax(dim=-1)  # [B]: rows up to the last non-zero one
+    keep = int(lengths.max()) + 1
+    if keep >= length:
+        return context, None
+    ratio = (length - lengths).double() / (keep - lengths).double()  # padded rows each kept row stands for
+    pad = positions[None, :keep] >= lengths[:, None]
+    bias = torch.where(pad, ratio.log()[:, None], 0.0).to(torch.float32)
+    return context[:, :keep], bias[:, None, None, :]
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -113,10 +141,18 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+def time_shift_rope(head_dim: int, theta: float, frames: int, device) -> Rope:
+    """The rotation that moves a rotated key `frames` latent frames in time (height and width unchanged)."""
+    t_dim = rope_axis_dims(head_dim)[0]
+    inv = 1.0 / theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
+    angles = torch.cat([frames * inv, torch.zeros(head_dim // 2 - t_dim // 2, dtype=torch.float64)])[None]
+    return _unit_rotations(angles, device)
+
+
 @dataclass
 class CachedWindow:
     """What the cached forward of a batch of streams hands every layer: each stream's cache and view, the
-    batch rows it owns, and the rotations and padding mask of the window its queries read.
+    batch rows it owns, and the padding mask of the window its queries read.
 
     Streams may sit at different points (block index, window fill): windows shorter than the longest are
     zero-padded and masked, so one batch serves any mix of sessions."""
@@ -124,25 +160,30 @@ class CachedWindow:
     caches: list[KVCache]
     views: list[CacheView]
     rows: list[slice]
-    k_rope: Rope  # [B, N, head_dim/2]: N = the longest window
+    window_tokens: int  # N: the longest window of earlier frames
     mask: torch.Tensor | None  # [B, 1, 1, N + S] True where a key exists; None when no row is padded
 
     def exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this block's un-rotated keys/values into each stream's slots; return the cached window
-        [B, N, heads, head_dim] of every row."""
-        pasts_k, pasts_v = [], []
-        n = self.k_rope[0].shape[-2]  # the longest window, in tokens
+        """Write this block's rotated keys and values [B, heads, S, head_dim] into each stream's slots;
+        return the keys and values [B, heads, N + S, head_dim] the block attends to."""
         for cache, view, rows in zip(self.caches, self.views, self.rows, strict=True):
             k_cache, v_cache = cache.k[layer], cache.v[layer]
-            end = view.write_start + k.shape[1]
-            k_cache[:, view.write_start : end] = k[rows].detach().to(k_cache.dtype)
-            v_cache[:, view.write_start : end] = v[rows].detach().to(v_cache.dtype)
-            pad = (0, 0, 0, 0, 0, n - len(view.read_tokens))
-            pasts_k.append(F.pad(k_cache[:, view.read_tokens], pad))
-            pasts_v.append(F.pad(v_cache[:, view.read_tokens], pad))
-        if len(pasts_k) == 1:
-            return pasts_k[0].to(k.dtype), pasts_v[0].to(v.dtype)
-        return torch.cat(pasts_k).to(k.dtype), torch.cat(pasts_v).to(v.dtype)
+            end = view.write_start + k.shape[2]
+            k_cache[:, :, view.write_start : end] = k[rows].detach().to(k_cache.dtype)
+            v_cache[:, :, view.write_start : end] = v[rows].detach().to(v_cache.dtype)
+        if len(self.caches) == 1 and not (k.requires_grad or v.requires_grad):
+            # Nothing to differentiate: the filled prefix of the cache is the whole window, this block included
+            # (attention does not care about key order), read as a slice without a copy.
+            cache, n = self.caches[0], self.views[0].filled_tokens
+            return cache.k[layer][:, :, :n].to(k.dtype), cache.v[layer][:, :, :n].to(v.dtype)
+        pasts_k, pasts_v = [], []
+        for cache, view in zip(self.caches, self.views, strict=True):
+            pad = (0, 0, 0, self.window_tokens - len(view.read_tokens))
+            pasts_k.append(F.pad(cache.k[layer][:, :, view.read_tokens], pad))
+            pasts_v.append(F.pad(cache.v[layer][:, :, view.read_tokens], pad))
+        # the block's own keys stay live (they carry the gradient of a training rollout)
+        k = torch.cat([torch.cat(pasts_k).to(k.dtype), k], dim=2)
+        return k, torch.cat([torch.cat(pasts_v).to(v.dtype), v], dim=2)
 
 
 class SelfAttention(nn.Module):
@@ -159,21 +200,15 @@ class SelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
         cache: tuple[CachedWindow, int] | None = None,
     ) -> torch.Tensor:
-        heads = (self.num_heads, self.head_dim)
-        q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k = self.norm_k(self.k(x)).unflatten(-1, heads)
-        v = self.v(x).unflatten(-1, heads)
-        if cache is not None:
-            # Un-rotated keys go into this block's slots; RoPE is applied at read time from positions.
+        heads = (self.num_heads, self.head_dim)  # attention runs head-major: [B, heads, S, head_dim]
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads).transpose(1, 2), q_rope)
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads).transpose(1, 2), q_rope)
+        v = self.v(x).unflatten(-1, heads).transpose(1, 2)
+        if cache is not None:  # rotated keys go into this block's slots; the window comes back as stored
             window, layer = cache
-            past_k, past_v = window.exchange(layer, k, v)
-            k = torch.cat([apply_rope(past_k, window.k_rope), apply_rope(k, q_rope)], dim=1)
-            v = torch.cat([past_v, v], dim=1)
+            k, v = window.exchange(layer, k, v)
             mask = window.mask
-        else:
-            k = apply_rope(k, q_rope)
-        q = apply_rope(q, q_rope)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -184,14 +219,16 @@ class CrossAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
-    def text_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_kv(self, context: torch.Tensor, bias: torch.Tensor | None) -> TextKV:
+        """Text keys and values, head-major [B, heads, L, head_dim] and contiguous (kept per prompt)."""
         heads = (self.num_heads, self.head_dim)
-        return self.norm_k(self.k(context)).unflatten(-1, heads), self.v(context).unflatten(-1, heads)
+        k = self.norm_k(self.k(context)).unflatten(-1, heads).transpose(1, 2).contiguous()
+        return k, self.v(context).unflatten(-1, heads).transpose(1, 2).contiguous(), bias
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        k, v = kv
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    def forward(self, x: torch.Tensor, kv: TextKV) -> torch.Tensor:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k, v, bias = kv
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.o(out.transpose(1, 2).flatten(2))
 
 
@@ -300,8 +337,9 @@ class WanDiT(nn.Module):
         """Patchify and embed; returns tokens [B, F, HW, dim], time modulation, audio per layer, grid."""
         B, _, nf, _, _ = x.shape
         tokens = self.patch_embedding(torch.cat([x, y.to(x.dtype)], dim=1))
-        _, _, f, h, w = tokens.shape
-        tokens = tokens.flatten(3).transpose(1, 2).transpose(2, 3)  # [B, F, HW, dim]
+        _, dim, f, h, w = tokens.shape
+        # one copy into token-major order: every residual add and norm after this runs on contiguous memory
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous().view(B, f, h * w, dim)  # [B, F, HW, dim]
         t = t.expand(B, nf) if t.dim() == 2 else t[:, None].expand(B, nf)
         wdtype = self.time_embedding[0].weight.dtype
         t_emb = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t).to(wdtype)).unflatten(0, (B, nf))
@@ -329,9 +367,10 @@ class WanDiT(nn.Module):
         out = out.reshape(out.shape[0], f, h, w, pt, ph, pw, self.cfg.out_dim)
         return out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(out.shape[0], self.cfg.out_dim, f * pt, h * ph, w * pw)
 
-    def text_kvs(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def text_kvs(self, context: torch.Tensor) -> list[TextKV]:
+        context, bias = drop_text_padding(context)
         ctx = self.text_embedding(context.to(self.text_embedding[0].weight.dtype))
-        return [block.cross_attn.text_kv(ctx) for block in self.blocks]
+        return [block.cross_attn.text_kv(ctx, bias) for block in self.blocks]
 
     # ---- forward paths ----
     def forward(self, x, t, context, y, audio=None, frame_start: int = 0) -> torch.Tensor:
@@ -364,43 +403,62 @@ class WanDiT(nn.Module):
         tokens, t_emb, t_mod, audio_per_layer, grid = self._embed(x, t, y, audio)
         f, h, w = grid
         head_dim = self.cfg.dim // self.cfg.num_heads
-        rows, views, q_ropes, k_ropes, start = [], [], [], [], 0
+        rows, views, q_ropes, start = [], [], [], 0
         for context, cache, frame_start in zip(contexts, caches, frame_starts, strict=True):
             if cache.cross[0] is None:
                 cache.cross = self.text_kvs(context)
             view = cache.prepare(frame_start, f)
+            if view.ring_shift:
+                self._shift_ring(cache, view)
             views.append(replace(view, read_tokens=view.read_tokens.to(x.device)))
             b = cache.k[0].shape[0]
             rows.append(slice(start, start + b))
             start += b
             q_ropes.append(rope_table(head_dim, self.cfg.rope_theta, view.query_positions, h, w, x.device))
-            k_ropes.append(rope_table(head_dim, self.cfg.rope_theta, view.read_positions, h, w, x.device))
         if start != x.shape[0]:
             raise ValueError(f"the caches hold {start} rows but the batch has {x.shape[0]}")
         text_kvs, mask = self._merge_text(caches), None
+        n = max(len(view.read_tokens) for view in views)
         if len(caches) == 1:
-            q_rope, k_rope = q_ropes[0], k_ropes[0]
+            q_rope = q_ropes[0]
         else:  # per-row rotations; shorter windows are zero-padded at the end and masked out
-            n = max(len(r[0]) for r in k_ropes)
-            q_rope = (_rows(q_ropes, 0, rows, 0), _rows(q_ropes, 1, rows, 0))
-            k_rope = (_rows(k_ropes, 0, rows, n), _rows(k_ropes, 1, rows, n))
-            if any(len(r[0]) < n for r in k_ropes):
+            q_rope = _rows([(r,) for r in q_ropes], 0, rows, 0)
+            if any(len(view.read_tokens) < n for view in views):
                 keys = torch.arange(n + f * h * w, device=x.device)
-                valid = [((keys < len(r[0])) | (keys >= n))[:, None] for r in k_ropes]
+                valid = [((keys < len(view.read_tokens)) | (keys >= n))[:, None] for view in views]
                 mask = _rows([(v,) for v in valid], 0, rows, 0)[:, :, 0][:, None, None]
-        window = CachedWindow(caches, views, rows, k_rope, mask)
+        window = CachedWindow(caches, views, rows, n, mask)
         tokens = self._run_blocks(tokens, t_mod, text_kvs, audio_per_layer, q_rope, None, window)
         return self._unpatchify(self.head(tokens, t_emb), grid)
 
+    def _shift_ring(self, cache: KVCache, view: CacheView) -> None:
+        """`rebased` eviction: every ring frame moves one block down in the window's order, so its stored
+        key turns back by `view.ring_shift` frames in time (once per block, in place, every layer)."""
+        head_dim = self.cfg.dim // self.cfg.num_heads
+        rope = time_shift_rope(head_dim, self.cfg.rope_theta, -view.ring_shift, cache.k[0].device)
+        for k in cache.k:
+            ring = k[:, :, view.ring_start :]
+            ring.copy_(apply_rope(ring, rope))
+
     @staticmethod
-    def _merge_text(caches: list[KVCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the text K/V of every stream stacked in batch order (one stream: its own, no copy)."""
+    def _merge_text(caches: list[KVCache]) -> list[TextKV]:
+        """Per layer, the text K/V of every stream stacked in batch order (one stream: its own, no copy);
+        prompts of different kept lengths are zero-padded and their padding masked out by the bias."""
         if len(caches) == 1:
             return caches[0].cross
-        return [
-            (torch.cat([c.cross[i][0] for c in caches]), torch.cat([c.cross[i][1] for c in caches]))
-            for i in range(len(caches[0].cross))
-        ]
+        n = max(c.cross[0][0].shape[2] for c in caches)
+        merged = []
+        for layer in range(len(caches[0].cross)):
+            ks, vs, biases = [], [], []
+            for cache in caches:
+                k, v, bias = cache.cross[layer]
+                missing = n - k.shape[2]
+                ks.append(F.pad(k, (0, 0, 0, missing)))
+                vs.append(F.pad(v, (0, 0, 0, missing)))
+                bias = k.new_zeros(k.shape[0], 1, 1, k.shape[2], dtype=torch.float32) if bias is None else bias
+                biases.append(F.pad(bias, (0, missing), value=float("-inf")))
+            merged.append((torch.cat(ks), torch.cat(vs), torch.cat(biases)))
+        return merged
 
     def new_cache(
         self,

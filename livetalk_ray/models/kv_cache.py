@@ -2,14 +2,17 @@
 
 The cache holds `window_frames` latent frames per layer. The first `sink_frames` (whole blocks, frame 0 =
 the reference latent) are permanent identity anchors; the remaining slots form a ring of blocks that
-always holds the most recent ones. Keys are stored *before* rotary embedding together with the absolute
-frame index of every slot, so RoPE is applied at read time from positions, never from a fixed table:
-a stream can run forever. Two position modes:
+always holds the most recent ones. Keys are stored *after* rotary embedding (as LiveTalk stores them), so
+a cached forward reads them as they are: filled slots form a prefix of the cache, and a block that needs no
+gradient attends to that prefix as one slice, its own keys included. RoPE angles are computed from positions,
+never sliced from a fixed table, so a stream can run forever. Two position modes:
 
 - `absolute` (LiveTalk as released): every frame keeps its absolute index, anchors stay at 0..8 while
   queries keep growing.
-- `rebased`: cached frames are renumbered 0..n-1 in time order at every read, so anchors and queries stay
-  at the distances the model saw in training however long the stream runs.
+- `rebased`: cached frames are numbered 0..n-1 in time order, so anchors and queries stay at the distances
+  the model saw in training however long the stream runs. Each eviction moves every remaining ring frame one
+  block down in that order; the cached forward then turns their stored keys back by one block in time
+  (`CacheView.ring_shift`), once per block rather than at every read.
 
 While the window is not exceeded both modes give exactly the block-causal masked forward.
 """
@@ -30,8 +33,11 @@ class CacheView:
 
     write_start: int  # first token slot of the block being written
     read_tokens: torch.Tensor  # token slots of the earlier cached frames the block attends to
-    query_positions: torch.Tensor  # RoPE time index of each query frame
-    read_positions: torch.Tensor  # RoPE time index of each earlier cached frame
+    query_positions: torch.Tensor  # RoPE time index of each query frame (its keys are stored rotated so)
+    read_positions: torch.Tensor  # RoPE time index each earlier cached frame's stored key carries
+    filled_tokens: int  # the filled prefix of the cache once this block is written: everything it attends to
+    ring_shift: int  # frames every ring key must move back in time before this block reads (rebased eviction)
+    ring_start: int  # first token slot of the ring
 
 
 class KVCache:
@@ -60,14 +66,14 @@ class KVCache:
         self.sink_blocks = sink_frames // frames_per_block
         self.ring_blocks = (window_frames - sink_frames) // frames_per_block
         self.position_mode: PositionMode = position_mode
-        shape = (batch_size, window_frames * tokens_per_frame, num_heads, head_dim)
+        shape = (batch_size, num_heads, window_frames * tokens_per_frame, head_dim)  # head-major, as attention reads
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         # Absolute latent-frame index held by each frame slot; -1 marks an empty slot.
         self.slot_frame = torch.full((window_frames,), -1, dtype=torch.long)
         self.next_frame = 0
         # Text cross-attention K/V per layer, computed once per prompt (see `reset_text`).
-        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.cross: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None] = [None] * num_layers
         self.num_layers = num_layers
 
     # ---- bookkeeping shared by all layers of one forward pass ----
@@ -94,8 +100,10 @@ class KVCache:
                 f"blocks must arrive in order: expected frame {self.next_frame} (or a rerun of "
                 f"{self.next_frame - fpb}), got {frame_start}"
             )
+        new_block = frame_start == self.next_frame
         self.next_frame = frame_start + fpb
         slot = self.block_slot(frame_start // fpb)
+        evicts = new_block and bool(self.slot_frame[slot] >= 0)
         self.slot_frame[slot : slot + fpb] = torch.arange(frame_start, frame_start + fpb)
         # The block's own keys are used live (they carry gradient); the cache supplies the rest.
         others = ((self.slot_frame >= 0) & (self.slot_frame < frame_start)).nonzero().flatten()
@@ -107,7 +115,9 @@ class KVCache:
             query_pos = torch.arange(len(frames), len(frames) + fpb)
         tpf = self.tokens_per_frame
         read_tokens = (others[:, None] * tpf + torch.arange(tpf)[None, :]).flatten()
-        return CacheView(slot * tpf, read_tokens, query_pos, read_pos)
+        filled = int((self.slot_frame >= 0).sum()) * tpf
+        shift = fpb if evicts and self.position_mode == "rebased" else 0
+        return CacheView(slot * tpf, read_tokens, query_pos, read_pos, filled, shift, self.sink_blocks * fpb * tpf)
 
     def reset_text(self) -> None:
         """Forget the text K/V so the next forward re-encodes a new prompt (e.g. a new motion prompt)."""

@@ -98,11 +98,6 @@ class TextEncoder:
         # Wan keeps only each prompt's true length and pads back with zeros (not with the pad embeddings).
         return hidden.masked_fill(~mask.bool()[..., None], 0.0), mask.sum(dim=1).tolist()
 
-    def encode_with_negative(self, prompt: str, negative: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """([1, L, D], [1, L, D]) for a prompt and its CFG negative (default `cfg.negative_prompt`)."""
-        both = self.encode([prompt, self.cfg.negative_prompt if negative is None else negative])
-        return both[:1], both[1:]
-
 
 def _tiny_umt5_config(cfg: TextEncoderConfig) -> UMT5Config:
     if cfg.d_model % cfg.num_heads:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import patchify, unpatchify
 
 from livetalk_ray.config import VAEConfig
 
@@ -37,6 +38,12 @@ def _build_from_config(cfg: VAEConfig, seed: int) -> AutoencoderKLWan:
             num_res_blocks=cfg.num_res_blocks,
             temperal_downsample=cfg.temperal_downsample,
             attn_scales=[],
+            patch_size=cfg.patch_size,
+            in_channels=3 * (cfg.patch_size or 1) ** 2,
+            out_channels=3 * (cfg.patch_size or 1) ** 2,
+            decoder_base_dim=cfg.decoder_base_dim,
+            scale_factor_spatial=cfg.spatial_factor,
+            scale_factor_temporal=cfg.temporal_factor,
             **kwargs,
         )
 
@@ -112,6 +119,8 @@ def encode_chunk(model: AutoencoderKLWan, video: torch.Tensor, cache: list, fram
     """Posterior moments [B, 2z, f, h, w] of the next frames of a stream, as diffusers' whole-clip encode
     makes them: the stream's first frame alone, then groups of 4 (`video` holds 1+4k frames at the start,
     4k later). Gradients flow; the caller owns `cache` (and detaches it between training steps)."""
+    if model.config.patch_size is not None:
+        video = patchify(video, patch_size=model.config.patch_size)
     starts = [0] if frames_in == 0 else []
     starts += range(1 if frames_in == 0 else 0, video.shape[2], 4)
     out = []
@@ -131,8 +140,6 @@ def decode_chunk(model: AutoencoderKLWan, z: torch.Tensor, cache: list, latents_
     ]
     out = torch.cat(outs, dim=2)
     if model.config.patch_size is not None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
         out = unpatchify(out, patch_size=model.config.patch_size)
     return out
 

@@ -25,9 +25,10 @@ import torch
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.data.reader import check_shards
 from livetalk_ray.data.schema import SchemaError
-from livetalk_ray.diffusion.flow import FlowSchedule
+from livetalk_ray.diffusion.flow import FlowSchedule, student_steps
 from livetalk_ray.diffusion.sampler import StreamingSampler, reference_condition, sample_teacher
 from livetalk_ray.models.checkpoint import CheckpointError, load_checkpoint
+from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.loop import Stage
 from livetalk_ray.train.teacher import CONDITION_COLUMNS, conditions, latent_frames
@@ -36,8 +37,8 @@ STATES = "ode_states"
 
 
 def student_timesteps(cfg: LiveTalkConfig) -> list[float]:
-    steps = cfg.sampler.student_timesteps or FlowSchedule(cfg.sampler).timesteps(cfg.sampler.student_steps).tolist()
-    return [float(t) for t in steps]
+    """1000·σ of the student's steps: where the teacher's trajectories are kept."""
+    return [sigma * cfg.sampler.num_train_timesteps for sigma in student_steps(cfg.sampler).sigmas]
 
 
 def states_shape(cfg: LiveTalkConfig) -> tuple[int, ...]:
@@ -93,6 +94,7 @@ class TrajectoryMaker:
         self.teacher, _ = load_checkpoint(checkpoint, device=self.device, dtype=self.dtype, causal=False)
         self.teacher.eval().requires_grad_(False)
         self.keep = student_timesteps(cfg)
+        self.negative = negative_text(cfg, self.device, self.dtype)
 
     def states(self, batch: dict, seeds: list[int]) -> np.ndarray:
         """[B, S+1, C, F, h, w] states at the student's timesteps plus the final latent."""
@@ -106,7 +108,7 @@ class TrajectoryMaker:
             noise.to(dev, dtype),
             ref.to(dtype),
             text,
-            torch.zeros_like(text),
+            self.negative.expand_as(text),
             audio,
             keep_timesteps=self.keep,
         )
@@ -228,7 +230,9 @@ def ode_loss(
     fpb = cfg.cache.frames_per_block
     if f % fpb:
         raise ValueError(f"{f} latent frames are not whole blocks of {fpb}")
-    timesteps = torch.tensor(student_timesteps(cfg), device=dev)
+    steps = student_steps(cfg.sampler)  # the model is told `timesteps`; the states sit at `sigmas`
+    timesteps = torch.tensor(steps.timesteps, device=dev, dtype=steps.timestep_dtype)
+    sigmas = torch.tensor(steps.sigmas, device=dev)
     index = torch.randint(s1 - 1, (b, f // fpb), generator=generator, device=dev).repeat_interleave(fpb, dim=1)
     xt = states[torch.arange(b, device=dev)[:, None], index, :, torch.arange(f, device=dev)[None, :]]  # [B,F,C,h,w]
     xt = xt.permute(0, 2, 1, 3, 4)
@@ -236,8 +240,7 @@ def ode_loss(
     ref, text, audio = conditions(batch, cfg, dev, dtype)
     y = reference_condition(ref, f)
     v = model(xt.to(dtype), t, text, y.to(dtype), audio)
-    flow = FlowSchedule(cfg.sampler)
-    x0 = flow.x0_from_v(xt, v.float(), t / flow.num_train_timesteps)
+    x0 = FlowSchedule(cfg.sampler).x0_from_v(xt, v.float(), sigmas[index])
     return torch.mean((x0 - states[:, -1])[:, :, 1:] ** 2)
 
 

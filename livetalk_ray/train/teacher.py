@@ -18,6 +18,7 @@ from livetalk_ray.data.reader import check_shards
 from livetalk_ray.diffusion.flow import FlowSchedule
 from livetalk_ray.diffusion.sampler import reference_condition, sample_teacher
 from livetalk_ray.models.checkpoint import import_weights
+from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT, group_audio_frames
 from livetalk_ray.train.loop import Stage
 
@@ -78,12 +79,13 @@ def latent_frames(cfg: LiveTalkConfig) -> int:
 
 @torch.no_grad()
 def sample_clips(model: WanDiT, cfg: LiveTalkConfig, batch: dict, seed: int) -> torch.Tensor:
-    """The teacher's many-step CFG samples for a batch of conditions (negative prompt: zeros, as dropped)."""
+    """The teacher's many-step CFG samples for a batch of conditions (unconditional text: `negative_text`)."""
     param = next(model.parameters())
     ref, text, audio = conditions(batch, cfg, param.device, param.dtype)
     shape = (ref.shape[0], cfg.vae.z_dim, latent_frames(cfg), cfg.latent_height, cfg.latent_width)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
-    latents, _ = sample_teacher(model, cfg, noise, ref.to(param.dtype), text, torch.zeros_like(text), audio)
+    negative = negative_text(cfg, param.device, param.dtype).expand_as(text)
+    latents, _ = sample_teacher(model, cfg, noise, ref.to(param.dtype), text, negative, audio)
     return latents
 
 

@@ -40,18 +40,17 @@ def test_streaming_sampler_equals_masked_recomputation(toy_cfg):
     clean = []
     for k in range(3):
         x = torch.randn(1, *latent_shape(toy_cfg, 3), generator=gen)
-        for i, t in enumerate(sampler.timesteps):
+        steps = sampler.steps
+        for i, t in enumerate(steps.timesteps):
             if k == 0:
                 x[:, :, :1] = ref
             seq = torch.cat([*clean, x], 2)
             tt = torch.tensor([[0.0] * 3 * k + [t] * 3])
             with torch.no_grad():
                 v = model(seq, tt, text, y[:, :, : 3 * k + 3], audio[:, : 3 * k + 3])[:, :, 3 * k :]
-            x0 = flow.x0_from_v(x, v, t / 1000)
-            if i + 1 < len(sampler.timesteps):
-                x = flow.add_noise(
-                    x0, torch.randn(1, *latent_shape(toy_cfg, 3), generator=gen), sampler.timesteps[i + 1] / 1000
-                )
+            x0 = flow.x0_from_v(x, v, steps.sigmas[i])
+            if i + 1 < len(steps.timesteps):
+                x = flow.add_noise(x0, torch.randn(1, *latent_shape(toy_cfg, 3), generator=gen), steps.sigmas[i + 1])
         if k == 0:
             x0[:, :, :1] = ref
         clean.append(x0)

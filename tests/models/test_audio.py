@@ -233,3 +233,15 @@ def test_bfloat16_keeps_the_model_dtype(cfg):
     enc16 = build_audio_encoder(cfg, dtype=torch.bfloat16)
     assert enc16.encode(_noise(0.5), 9).dtype == torch.bfloat16
     assert StreamingAudioFeatures(enc16, FPS, wave=_noise(0.5)).block(0).dtype == torch.bfloat16
+
+
+def test_frame_offset_moves_every_frame_by_the_same_time(cfg):
+    """`audio.frame_offset_s` = one CNN hop (20 ms) reads the audio a hop later: the same as dropping the
+    wave's first 320 samples; the default reads frame k at exactly k/fps."""
+    wave = _noise(2.0, seed=3)
+    shifted = build_audio_encoder(cfg.model_copy(update={"frame_offset_s": 320 / 16000}), seed=0)
+    plain = build_audio_encoder(cfg, seed=0)
+    out = shifted.encode_frames(wave, FPS, 4, 20)
+    assert torch.allclose(out, plain.encode_frames(wave[320:], FPS, 4, 20), atol=1e-5)
+    assert not torch.allclose(out, plain.encode_frames(wave, FPS, 4, 20), atol=1e-3)
+    assert shifted.last_sample_needed(FPS, 10) == plain.last_sample_needed(FPS, 10) + 320

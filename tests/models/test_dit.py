@@ -87,6 +87,36 @@ def test_cached_blocks_equal_masked_forward(toy_cfg, sink, mode):
     assert full.abs().max() > 0.1  # the comparison is not between zeros
 
 
+def stream(model, cfg, inp, window: int, sink: int, mode: str) -> list[torch.Tensor]:
+    cache = model.new_cache(1, cfg.tokens_per_frame, window, sink, position_mode=mode)
+    out = []
+    with torch.no_grad():
+        for s in range(0, inp["x"].shape[2], 3):
+            sl = slice(s, s + 3)
+            args = (inp["x"][:, :, sl], inp["t"][:, sl], inp["context"], inp["y"][:, :, sl])
+            out.append(model.forward_cached(*args, cache, s, inp["audio"][:, sl]))
+            out.append(model.forward_cached(*args, cache, s, inp["audio"][:, sl]))  # a rerun reads the same
+    return out
+
+
+def test_rebased_keys_keep_their_distances_through_evictions(toy_cfg):
+    """Without sinks every cached frame is a recent one, so renumbering the window leaves every query-key
+    distance as it is: `rebased` must give the `absolute` stream exactly, block after block, however many
+    evictions have moved the stored keys back in time."""
+    model = randomize(WanDiT(toy_cfg.model))
+    with torch.no_grad():  # sharp attention, so that a key turned to the wrong time shows in the output
+        for block in model.blocks:
+            block.self_attn.norm_q.weight.fill_(4.0)
+            block.self_attn.norm_k.weight.fill_(4.0)
+    inp = inputs(toy_cfg, 24)  # 8 blocks through a 9-frame window: 5 evictions
+    absolute = stream(model, toy_cfg, inp, 9, 0, "absolute")
+    rebased = stream(model, toy_cfg, inp, 9, 0, "rebased")
+    for i, (a, r) in enumerate(zip(absolute, rebased, strict=True)):
+        assert (a - r).abs().max() < 1e-5 * a.abs().max(), f"call {i}"
+    with_sinks = stream(model, toy_cfg, inp, 9, 3, "rebased")  # the sinks' distances do change
+    assert (with_sinks[-1] - absolute[-1]).abs().max() > 1e-3 * absolute[-1].abs().max()
+
+
 def test_block_causality_and_bidirectionality(toy_cfg):
     causal = randomize(WanDiT(toy_cfg.model))
     bidir = WanDiT(toy_cfg.model, causal=False)

@@ -55,12 +55,6 @@ def test_deterministic(cfg):
     assert not torch.allclose(a.encode(PROMPTS[:1]), build_text_encoder(cfg, seed=1).encode(PROMPTS[:1]))
 
 
-def test_negative_prompt_helper(enc, cfg):
-    pos, neg = enc.encode_with_negative(PROMPTS[0])
-    assert pos.shape == neg.shape == (1, cfg.max_length, cfg.d_model)
-    assert torch.allclose(neg, enc.encode([cfg.negative_prompt]), atol=1e-5)
-
-
 def test_byte_tokenizer():
     tok = ByteTokenizer()
     batch = tok(["hé", ""], max_length=6)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from livetalk_ray.config import load_config
 from livetalk_ray.models.vae import VAEError, WanVAE, decode_many
 
 
@@ -106,3 +107,35 @@ def test_chunks_train_through_the_current_chunk_only(vae):
     cut = detach_cache(cache)
     assert not any(torch.is_tensor(c) and c.requires_grad for c in cut)
     assert all(torch.equal(a, b) for a, b in zip(cache, cut, strict=True) if torch.is_tensor(a))
+
+
+def test_patchified_vae_streams_like_its_whole_clip_paths():
+    """Wan 2.2-style pixel patchify (`vae.patch_size`, one spatial downsample fewer, a wider decoder): chunked
+    encode and streamed decode still equal diffusers' whole-clip encode and decode."""
+    from livetalk_ray.models.vae import decode_chunk, encode_chunk, new_cache
+
+    cfg = load_config(
+        "toy",
+        overrides=[
+            "vae.patch_size=2",
+            "vae.dim_mult=[1,2,2]",
+            "vae.temperal_downsample=[true,true]",
+            "vae.decoder_base_dim=24",
+        ],
+    )
+    assert cfg.vae.spatial_factor == 8 and cfg.latent_height == 8
+    model = WanVAE(cfg.vae).model
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+    with torch.no_grad():
+        moments = model.encode(video).latent_dist.parameters
+        cache = new_cache(model, "encoder")
+        parts = [encode_chunk(model, video[:, :, :5], cache, 0), encode_chunk(model, video[:, :, 5:], cache, 5)]
+        assert torch.allclose(torch.cat(parts, 2), moments, atol=1e-5)
+        z = moments[:, :16]
+        whole = model.decode(z).sample
+        cache = new_cache(model, "decoder")
+        streamed = torch.cat(
+            [decode_chunk(model, z[:, :, :2], cache, 0), decode_chunk(model, z[:, :, 2:], cache, 2)], 2
+        )
+    assert streamed.shape == video.shape
+    assert torch.allclose(streamed.clamp(-1, 1), whole, atol=1e-5)

@@ -31,6 +31,7 @@ from livetalk_ray.config import LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.diffusion.flow import FlowSchedule
 from livetalk_ray.diffusion.sampler import StreamingSampler, guided_velocity, reference_condition
 from livetalk_ray.models.checkpoint import load_checkpoint
+from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.dmd.losses import critic_loss, generator_loss
 from livetalk_ray.train.engine import TrainEngine
@@ -100,6 +101,7 @@ class TeacherScorer(_Role):
     def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str) -> None:
         super().__init__(cfg, checkpoint, causal=False)
         self.model.eval().requires_grad_(False)
+        self.negative = negative_text(self.cfg, self.device, self.dtype)
 
     @torch.no_grad()
     def x0(self, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -110,7 +112,7 @@ class TeacherScorer(_Role):
         s = self.cfg.sampler
         tt = t.to(self.device)
         v = guided_velocity(
-            self.model, x, tt, y, text, torch.zeros_like(text), audio, s.text_guidance, s.audio_guidance
+            self.model, x, tt, y, text, self.negative.expand_as(text), audio, s.text_guidance, s.audio_guidance
         )
         out = self._x0(v, xt.to(self.device), tt).cpu()
         self._busy(start, "teacher_score")
