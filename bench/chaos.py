@@ -32,9 +32,8 @@ from livetalk_ray.config import load_config
 from livetalk_ray.serving.chaos import STAGES, Viewer, judge
 from livetalk_ray.serving.loadtest import local_replica_memory, local_replicas
 from livetalk_ray.serving.protocol import pcm16
-from livetalk_ray.serving.session import block_seconds
 
-BLOCK_S = block_seconds(load_config("toy"))
+BLOCK_S = load_config("toy").block_seconds
 
 
 def kill_stage(stage: str) -> list[str]:

@@ -456,6 +456,35 @@ class LiveTalkConfig(_Section):
     def latent_width(self) -> int:
         return self.video.width // self.vae.spatial_factor
 
+    # Frame arithmetic, in one place: the VAE's first latent frame of a stream is one video frame, every
+    # later one `vae.temporal_factor` frames (the audio features are grouped the same way).
+    def video_frames(self, latent_frames: int, at_start: bool) -> int:
+        """Video frames of `latent_frames` consecutive latent frames (at a stream's start, or later)."""
+        return video_frames_of(latent_frames, self.vae.temporal_factor, at_start)
+
+    def latent_frames(self, video_frames: int) -> int:
+        """Latent frames of a clip of `video_frames` frames (1 + t·k; a shorter remainder is dropped)."""
+        return (video_frames - 1) // self.vae.temporal_factor + 1
+
+    @property
+    def clip_latent_frames(self) -> int:
+        """Latent frames of a training clip (`data.num_frames` video frames)."""
+        return self.latent_frames(self.data.num_frames)
+
+    def block_video_frames(self, index: int) -> int:
+        """Video frames of streamed block `index`."""
+        return self.video_frames(self.cache.frames_per_block, at_start=index == 0)
+
+    @property
+    def block_seconds(self) -> float:
+        """How long one streamed block (after the first) plays."""
+        return self.block_video_frames(1) / self.video.fps
+
+    def blocks_for_video_frames(self, frames: int) -> int:
+        """Blocks a stream needs to make at least `frames` video frames."""
+        first, later = self.block_video_frames(0), self.block_video_frames(1)
+        return 1 + max(0, -(-(frames - first) // later))
+
     @property
     def tokens_per_frame(self) -> int:
         p = self.model.patch_size
@@ -509,6 +538,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampler": {"student_timestep_dtype": "float32", "negative_prompt": ""},
     },
 }
+
+
+def video_frames_of(latent_frames: int, temporal_factor: int, at_start: bool) -> int:
+    """t·f video frames for f latent frames, or 1 + t·(f-1) at a stream's start (the causal VAE's rule)."""
+    return temporal_factor * latent_frames - (temporal_factor - 1 if at_start else 0)
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,6 @@ audio is muxed as AAC alongside. Prints per-block latency split by stage, FPS an
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -15,12 +14,6 @@ from rich.table import Table
 
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.media import Mp4Writer
-
-
-def blocks_for_frames(num_frames: int, frames_per_block: int, frames_per_latent: int) -> int:
-    """Blocks needed for `num_frames` video frames: the first block yields 1 + r·(fpb-1) frames, later ones r·fpb."""
-    first = 1 + frames_per_latent * (frames_per_block - 1)
-    return 1 + max(0, math.ceil((num_frames - first) / (frames_per_latent * frames_per_block)))
 
 
 def run_generate(
@@ -44,7 +37,7 @@ def run_generate(
     wave = load_audio(audio, cfg.audio.sample_rate)
     seconds = seconds if seconds is not None else len(wave) / cfg.audio.sample_rate
     num_frames = max(1, round(seconds * cfg.video.fps))
-    num_blocks = blocks_for_frames(num_frames, cfg.cache.frames_per_block, cfg.model.audio_frames_per_latent)
+    num_blocks = cfg.blocks_for_video_frames(num_frames)
 
     cfg, checkpoint = with_embedded_weights(cfg, checkpoint)
     pipe = AvatarPipeline(cfg, checkpoint)

@@ -46,3 +46,16 @@ def test_bad_configs_name_the_problem(kwargs, message):
 def test_every_default_is_the_1_3b_student():
     assert LiveTalkConfig().model.num_layers == 30
     assert load_config("wan-1.3b") == LiveTalkConfig(preset="wan-1.3b")
+
+
+def test_frame_arithmetic_lives_on_the_config():
+    """One rule for every frame count: the causal VAE's first latent frame is one video frame, later ones 4."""
+    cfg = load_config("toy")
+    assert cfg.block_video_frames(0) == 9 and cfg.block_video_frames(1) == 12
+    assert cfg.video_frames(4, at_start=False) == 16 and cfg.video_frames(4, at_start=True) == 13
+    assert cfg.latent_frames(33) == 9 == cfg.clip_latent_frames and cfg.latent_frames(36) == 9
+    assert cfg.block_seconds == 12 / 16
+    for frames in range(1, 200):  # the fewest blocks whose frames reach `frames`
+        n = cfg.blocks_for_video_frames(frames)
+        made = sum(cfg.block_video_frames(k) for k in range(n))
+        assert made >= frames and made - cfg.block_video_frames(n - 1) < frames

@@ -1,8 +1,7 @@
 """Training-side readers of prepared shards, with the schema checked on open.
 
 - `ShardReader`: a plain single-process reader (tests, evaluation, a laptop): torch batches from pyarrow.
-- `ray_dataset` + `iter_training_batches`: Ray Data `read_parquet` → `iter_torch_batches`, for Ray Train
-  workers (`ray.train.get_dataset_shard(...)` returns the same kind of iterator).
+Training reads shards through `train.cursor.DataCursor` (resumable, rank-aware).
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.data.schema import SchemaError, check_schema, tensor_shapes
-
-
-def training_columns(cfg: LiveTalkConfig) -> list[str]:
-    """Every column torch can batch: the tensors and the text length (captions stay strings)."""
-    return [*tensor_shapes(cfg), "text_len"]
+from livetalk_ray.data.schema import SchemaError, check_schema
 
 
 def shard_files(directory: str | Path) -> list[Path]:
@@ -86,12 +80,3 @@ class ShardReader:
                 pending = pending.slice(batch_size)
         if pending is not None and pending.num_rows and not drop_last:
             yield table_to_batch(pending)
-
-
-def ray_dataset(directory: str | Path, cfg: LiveTalkConfig, columns: list[str] | None = None):
-    """A Ray Dataset over the shards (schema checked first) for a TorchTrainer's `datasets`; workers read
-    it with `ray.train.get_dataset_shard(name).iter_torch_batches(batch_size=...)`."""
-    import ray
-
-    files = check_shards(directory, cfg)
-    return ray.data.read_parquet([str(f) for f in files]).select_columns(columns or training_columns(cfg))

@@ -29,7 +29,7 @@ QUARANTINE_SCHEMA = pa.schema(
 def tensor_shapes(cfg: LiveTalkConfig) -> dict[str, tuple[tuple[int, ...], str]]:
     """Column → (shape, numpy dtype) for one clip."""
     t = cfg.data.num_frames
-    f_lat = (t - 1) // cfg.vae.temporal_factor + 1
+    f_lat = cfg.latent_frames(t)
     z, h, w = cfg.vae.z_dim, cfg.latent_height, cfg.latent_width
     feat = cfg.data.feature_dtype
     return {

@@ -29,8 +29,9 @@ class FlowSchedule:
         """t = 1000·σ; for 4 steps and shift 5 this is [1000, 937.5, 833.33, 625]."""
         return self.sigmas(num_steps) * self.num_train_timesteps
 
-    def sigma_of(self, t: torch.Tensor | float) -> torch.Tensor:
-        return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
+    def sigma_of(self, t: torch.Tensor | float) -> torch.Tensor | float:
+        """σ of timestep t (t = 1000·σ); a tensor keeps its dtype and device."""
+        return t / self.num_train_timesteps
 
     def sample_train_timesteps(
         self, shape, generator: torch.Generator | None = None, min_t: float = 0.0, max_t: float = 1000.0
@@ -81,7 +82,7 @@ def student_steps(cfg: SamplerConfig) -> StudentSteps:
     """The student's steps: `sampler.student_timesteps` if set, else the shifted `student_steps`-step grid."""
     schedule = FlowSchedule(cfg)
     grid = cfg.student_timesteps or schedule.timesteps(cfg.student_steps).tolist()
-    sigmas = tuple(float(t) / schedule.num_train_timesteps for t in grid)
+    sigmas = tuple(schedule.sigma_of(float(t)) for t in grid)
     dtype = getattr(torch, cfg.student_timestep_dtype)
     timesteps = tuple(float(torch.tensor(float(t)).to(dtype)) for t in grid)
     return StudentSteps(sigmas, timesteps, dtype)

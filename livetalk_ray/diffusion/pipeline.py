@@ -36,12 +36,6 @@ class LatentBlock:
     timings: dict[str, float]  # seconds: audio, denoise, refill; batch: streams denoised together
 
 
-def frames_in_block(index: int, cfg: LiveTalkConfig) -> int:
-    """Video frames of block `index`: the VAE's first latent frame is one video frame, the others r each."""
-    r, fpb = cfg.model.audio_frames_per_latent, cfg.cache.frames_per_block
-    return r * fpb - (r - 1 if index == 0 else 0)
-
-
 @dataclass
 class BlockOutput:
     index: int
@@ -97,10 +91,6 @@ class AvatarStream:
     def finish_audio(self) -> None:
         self.audio.finish()
 
-    def ready(self) -> bool:
-        """True when the next block's audio window (with lookahead) has arrived."""
-        return self.audio.ready(self.state.block_index)
-
     def set_prompt(self, prompt: str) -> None:
         self.pipe.sampler.set_prompt(self.state, self.pipe.encode_prompt(prompt))
 
@@ -119,7 +109,7 @@ class AvatarStream:
 
     def _finish_block(self, latents: torch.Tensor, timings: dict[str, float]) -> LatentBlock:
         k = self.state.block_index - 1
-        first, count = self.frames_out, frames_in_block(k, self.pipe.cfg)
+        first, count = self.frames_out, self.pipe.cfg.block_video_frames(k)
         self.frames_out += count
         samples = self._audio_samples(first, self.frames_out)
         self.audio.forget_before(self.frames_out)  # bounded memory on endless streams

@@ -201,7 +201,7 @@ class StreamingSampler:
             context_t = self.cfg.cache.context_noise
             clean = x0.detach()
             if context_t > 0:
-                clean = self.schedule.add_noise(clean, noise(), context_t / self.schedule.num_train_timesteps)
+                clean = self.schedule.add_noise(clean, noise(), self.schedule.sigma_of(context_t))
             refill_t = torch.full((B, fpb), context_t, device=device, dtype=self.steps.timestep_dtype)
             self.model.forward_cached_many(clean, refill_t, texts, y, caches, starts, audio)
         t2 = self._sync()

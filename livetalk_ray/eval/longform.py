@@ -118,8 +118,7 @@ def through_vae(cfg: LiveTalkConfig, frames: np.ndarray) -> np.ndarray:
     from livetalk_ray.models.image import tensor_to_uint8
     from livetalk_ray.models.vae import WanVAE
 
-    r = cfg.vae.temporal_factor
-    n = (len(frames) - 1) // r * r + 1
+    n = cfg.video_frames(cfg.latent_frames(len(frames)), at_start=True)
     vae = WanVAE(cfg.vae)
     video = torch.from_numpy(frames[:n]).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
     with torch.no_grad():
@@ -164,10 +163,10 @@ def teacher_video(
 ) -> np.ndarray:
     """A long video from the bidirectional teacher: clips of `data.num_frames` frames over consecutive spans
     of the speech, each with the reference as its first latent frame (dropped from the output but once)."""
+    from livetalk_ray.diffusion.clips import sample_clips
     from livetalk_ray.models.checkpoint import load_checkpoint
     from livetalk_ray.models.conditioning import build_conditioners
     from livetalk_ray.models.image import tensor_to_uint8
-    from livetalk_ray.train.teacher import sample_clips
 
     enc = build_conditioners(cfg)
     model, _ = load_checkpoint(checkpoint, causal=False, device=enc.device, dtype=enc.dtype)

@@ -105,6 +105,11 @@ class WanVAE:
         return VAEDecodeStream(self)
 
 
+def temporal_factor(model: AutoencoderKLWan) -> int:
+    """Video frames per latent frame after a stream's first (the model's own architecture says)."""
+    return 2 ** sum(model.config.temperal_downsample)
+
+
 def new_cache(model: AutoencoderKLWan, part: str) -> list:
     """An empty feature cache of the causal encoder or decoder: one slot per causal conv."""
     return [None] * model._cached_conv_counts[part]

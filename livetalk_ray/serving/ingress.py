@@ -45,7 +45,6 @@ from livetalk_ray.serving.session import (
     SpeechBacklog,
     Stage,
     StageLost,
-    block_seconds,
 )
 
 app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
@@ -122,7 +121,7 @@ class Live:
     def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
         self.spec, self.cfg = spec, cfg
         sid = spec.session_id
-        probe_after_s = block_seconds(cfg)  # a lost replica is noticed within two block times
+        probe_after_s = cfg.block_seconds  # a lost replica is noticed within two block times
         stages = {name: Stage(STAGE_NAMES[name], handle, sid, probe_after_s) for name, handle in handles.items()}
         self.llm, self.speech = stages["llm"], stages["speech"]
         self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])

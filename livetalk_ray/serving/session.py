@@ -167,11 +167,6 @@ async def replica_alive(actor_name: str) -> bool:
     return await asyncio.to_thread(look)
 
 
-def block_seconds(cfg: LiveTalkConfig) -> float:
-    """How long one streamed block plays."""
-    return cfg.cache.frames_per_block * cfg.model.audio_frames_per_latent / cfg.video.fps
-
-
 async def _awaited(awaitable):
     return await awaitable
 
@@ -363,7 +358,7 @@ class SessionDriver:
     async def _watch_delays(self) -> None:
         """Tell the viewers when the next block is more than two block times late (a stage is slow, or a replica
         is loading), naming the stage waited for: a stream is never silent without a word. Once per late block."""
-        block_s, told_for = block_seconds(self.cfg), -1
+        block_s, told_for = self.cfg.block_seconds, -1
         while not self.closed.is_set():
             await asyncio.sleep(block_s / 4)
             late = time.monotonic() - self.last_published
@@ -411,7 +406,7 @@ class SessionDriver:
 
     async def _pace(self) -> None:
         """Wait while the stream is more than lead_blocks ahead of the wall clock."""
-        block_s = block_seconds(self.cfg)
+        block_s = self.cfg.block_seconds
         while not self.closed.is_set():
             ahead = self.frames_made / self.cfg.video.fps - (time.monotonic() - self.pace_origin)
             if ahead <= self.cfg.serve.lead_blocks * block_s:

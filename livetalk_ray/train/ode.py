@@ -25,13 +25,13 @@ import torch
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.data.reader import check_shards
 from livetalk_ray.data.schema import SchemaError
+from livetalk_ray.diffusion.clips import CONDITION_COLUMNS, conditions, sample_stream
 from livetalk_ray.diffusion.flow import FlowSchedule, student_steps
-from livetalk_ray.diffusion.sampler import StreamingSampler, reference_condition, sample_teacher
+from livetalk_ray.diffusion.sampler import reference_condition, sample_teacher
 from livetalk_ray.models.checkpoint import CheckpointError, load_checkpoint
 from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.loop import Stage
-from livetalk_ray.train.teacher import CONDITION_COLUMNS, conditions, latent_frames
 
 STATES = "ode_states"
 
@@ -42,7 +42,7 @@ def student_timesteps(cfg: LiveTalkConfig) -> list[float]:
 
 
 def states_shape(cfg: LiveTalkConfig) -> tuple[int, ...]:
-    return (len(student_timesteps(cfg)) + 1, cfg.vae.z_dim, latent_frames(cfg), cfg.latent_height, cfg.latent_width)
+    return (len(student_timesteps(cfg)) + 1, cfg.vae.z_dim, cfg.clip_latent_frames, cfg.latent_height, cfg.latent_width)
 
 
 def states_field(cfg: LiveTalkConfig) -> pa.Field:
@@ -100,7 +100,7 @@ class TrajectoryMaker:
         """[B, S+1, C, F, h, w] states at the student's timesteps plus the final latent."""
         cfg, dev, dtype = self.cfg, self.device, self.dtype
         ref, text, audio = conditions(batch, cfg, dev, dtype)
-        shape = (cfg.vae.z_dim, latent_frames(cfg), cfg.latent_height, cfg.latent_width)
+        shape = (cfg.vae.z_dim, cfg.clip_latent_frames, cfg.latent_height, cfg.latent_width)
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
         final, kept = sample_teacher(
             self.teacher,
@@ -250,18 +250,6 @@ def build_student(cfg: LiveTalkConfig, device, dtype) -> WanDiT:
         raise CheckpointError("the ODE student starts from the teacher: set train.ode.teacher_checkpoint")
     model, _ = load_checkpoint(checkpoint, device=device, dtype=dtype, causal=True)
     return model
-
-
-@torch.no_grad()
-def sample_stream(model: WanDiT, cfg: LiveTalkConfig, batch: dict, seed: int) -> torch.Tensor:
-    """The student's few-step block-autoregressive samples through the KV cache, as served."""
-    param = next(model.parameters())
-    ref, text, audio = conditions(batch, cfg, param.device, param.dtype)
-    sampler = StreamingSampler(model, cfg)
-    state = sampler.start(ref, text, seed=seed)
-    fpb = cfg.cache.frames_per_block
-    blocks = [sampler.next_block(state, audio[:, i : i + fpb]) for i in range(0, latent_frames(cfg), fpb)]
-    return torch.cat(blocks, dim=2)
 
 
 def ode_columns(cfg: LiveTalkConfig) -> list[str]:

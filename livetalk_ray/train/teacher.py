@@ -15,22 +15,12 @@ import torch
 
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.data.reader import check_shards
+from livetalk_ray.diffusion.clips import CONDITION_COLUMNS, conditions, sample_clips
 from livetalk_ray.diffusion.flow import FlowSchedule
-from livetalk_ray.diffusion.sampler import reference_condition, sample_teacher
+from livetalk_ray.diffusion.sampler import reference_condition
 from livetalk_ray.models.checkpoint import import_weights
-from livetalk_ray.models.conditioning import negative_text
-from livetalk_ray.models.dit import WanDiT, group_audio_frames
+from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.loop import Stage
-
-CONDITION_COLUMNS = ["ref_latent", "audio_features", "text_embedding"]
-
-
-def conditions(batch: dict, cfg: LiveTalkConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference latent [B, C, 1, h, w] (fp32), text [B, L, D] and grouped audio [B, F, 4, D] of a batch."""
-    ref = batch["ref_latent"].to(device, torch.float32)
-    text = batch["text_embedding"].to(device, dtype)
-    audio = group_audio_frames(batch["audio_features"].to(device, dtype), cfg.model.audio_frames_per_latent)
-    return ref, text, audio
 
 
 def teacher_loss(
@@ -55,7 +45,7 @@ def teacher_loss(
     flow = FlowSchedule(cfg.sampler)
     t = flow.sample_train_timesteps((b,), generator=generator).to(dev, torch.float32)
     noise = torch.randn(x0.shape, generator=generator, device=dev)
-    xt = flow.add_noise(x0, noise, t / flow.num_train_timesteps)
+    xt = flow.add_noise(x0, noise, flow.sigma_of(t))
     xt[:, :, :1] = ref  # the reference frame is given, not generated
     y = reference_condition(ref, x0.shape[2])
     v = model(xt.to(dtype), t, text, y.to(dtype), audio)
@@ -71,22 +61,6 @@ def build_teacher(cfg: LiveTalkConfig, device, dtype) -> WanDiT:
         # Raises on anything that does not fit; only audio modules absent from a base Wan checkpoint stay new.
         import_weights(model, cfg.train.teacher.init_checkpoint)
     return model
-
-
-def latent_frames(cfg: LiveTalkConfig) -> int:
-    return (cfg.data.num_frames - 1) // cfg.vae.temporal_factor + 1
-
-
-@torch.no_grad()
-def sample_clips(model: WanDiT, cfg: LiveTalkConfig, batch: dict, seed: int) -> torch.Tensor:
-    """The teacher's many-step CFG samples for a batch of conditions (unconditional text: `negative_text`)."""
-    param = next(model.parameters())
-    ref, text, audio = conditions(batch, cfg, param.device, param.dtype)
-    shape = (ref.shape[0], cfg.vae.z_dim, latent_frames(cfg), cfg.latent_height, cfg.latent_width)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(param.device, param.dtype)
-    negative = negative_text(cfg, param.device, param.dtype).expand_as(text)
-    latents, _ = sample_teacher(model, cfg, noise, ref.to(param.dtype), text, negative, audio)
-    return latents
 
 
 def teacher_columns(cfg: LiveTalkConfig) -> list[str]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device
+from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, video_frames_of
 from livetalk_ray.data.sources import discover
-from livetalk_ray.models.vae import WanVAE, decode_chunk, detach_cache, encode_chunk, new_cache
+from livetalk_ray.models.vae import WanVAE, decode_chunk, detach_cache, encode_chunk, new_cache, temporal_factor
 from livetalk_ray.train.engine import TrainEngine, latest_checkpoint
 
 # Held-out PSNR over the first 33 frames of each clip (as whole-clip encode/decode sees them) and over a long
@@ -66,11 +66,6 @@ def ping_pong(clip: np.ndarray, start: int, count: int) -> np.ndarray:
     return clip[np.where(q < len(clip), q, period - q)]
 
 
-def chunk_frames(frames_in: int, latents: int, temporal: int) -> int:
-    """Video frames of the next `latents` latent frames: 1 + t(f-1) at a stream's start, t·f after."""
-    return latents * temporal - (temporal - 1 if frames_in == 0 else 0)
-
-
 class Stream:
     """One training stream: a clip played forwards and backwards from a random frame for `length` chunks,
     with the encoder and decoder caches it has built so far (None until its first chunk)."""
@@ -87,7 +82,7 @@ class Stream:
         self.decoder_cache: list | None = None
 
     def next_frames(self, latents: int, temporal: int) -> np.ndarray:
-        frames = chunk_frames(self.frames_in, latents, temporal)
+        frames = video_frames_of(latents, temporal, at_start=self.frames_in == 0)
         out = ping_pong(self.clip, self.start + self.frames_in, frames)
         self.frames_in += frames
         return out
@@ -141,7 +136,7 @@ def stream_loss(model, picked: list[Stream], latents: int, kl_weight: float, gen
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     device = next(model.parameters()).device
-    temporal = 2 ** sum(model.config.temperal_downsample)
+    temporal = temporal_factor(model)
     groups: dict[tuple, list[Stream]] = {}
     for stream in picked:
         groups.setdefault(stream.key(), []).append(stream)
@@ -168,11 +163,11 @@ def stream_loss(model, picked: list[Stream], latents: int, kl_weight: float, gen
 def reconstruct_stream(model, video: torch.Tensor, latents: int = 4) -> torch.Tensor:
     """Deterministic (posterior mode) reconstruction of a whole video [B, 3, T, H, W] run as one stream in
     chunks, as serving decodes it; T = 1 + 4k frames."""
-    temporal = 2 ** sum(model.config.temperal_downsample)
+    temporal = temporal_factor(model)
     encoder, decoder = new_cache(model, "encoder"), new_cache(model, "decoder")
     out, frames_in, latents_in = [], 0, 0
     while frames_in < video.shape[2]:
-        frames = chunk_frames(frames_in, latents, temporal)
+        frames = video_frames_of(latents, temporal, at_start=frames_in == 0)
         chunk = video[:, :, frames_in : frames_in + frames]
         moments = encode_chunk(model, chunk, encoder, frames_in)
         z = moments[:, : moments.shape[1] // 2]

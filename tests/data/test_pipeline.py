@@ -7,7 +7,7 @@ import pytest
 
 from livetalk_ray.config import load_config
 from livetalk_ray.data.pipeline import prepare
-from livetalk_ray.data.reader import ShardReader, ray_dataset
+from livetalk_ray.data.reader import ShardReader
 from livetalk_ray.data.schema import SchemaError
 from livetalk_ray.toyworld.clips import make_demo_dataset
 
@@ -74,20 +74,6 @@ def test_shards_have_the_schema_and_shapes(prepared):
     other = load_config("toy", overrides=["text.max_length=16"])
     with pytest.raises(SchemaError, match="text_embedding"):
         ShardReader(root / "out", other)
-
-
-def test_ray_dataset_feeds_torch_batches(prepared):
-    cfg, root, _, stats = prepared
-    rows = 0
-    for batch in ray_dataset(root / "out", cfg).iter_torch_batches(batch_size=4):
-        assert batch["latents"].dtype.is_floating_point and batch["ref_latent"].shape[1:] == (
-            cfg.vae.z_dim,
-            1,
-            cfg.latent_height,
-            cfg.latent_width,
-        )
-        rows += len(batch["latents"])
-    assert rows == stats["accepted"]
 
 
 def test_rerun_is_a_no_op(prepared):

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from livetalk_ray.config import load_config
-from livetalk_ray.diffusion.pipeline import AvatarPipeline, frames_in_block
+from livetalk_ray.diffusion.pipeline import AvatarPipeline
 from livetalk_ray.models.image import tensor_to_uint8
 
 
@@ -28,9 +28,9 @@ def test_denoise_then_decode_equals_next_block():
         latent = split.next_latents()
         frames = tensor_to_uint8(decoder.decode_block(latent.latents)[0])
         assert latent.index == block.index == k
-        assert latent.num_frames == frames_in_block(k, cfg) == len(frames) == len(block.frames)
+        assert latent.num_frames == cfg.block_video_frames(k) == len(frames) == len(block.frames)
         assert latent.first_frame == block.first_frame
         np.testing.assert_array_equal(frames, block.frames)
         np.testing.assert_array_equal(latent.audio, block.audio)
         assert len(latent.audio) == latent.num_frames * cfg.audio.sample_rate // cfg.video.fps
-    assert frames_in_block(0, cfg) == 9 and frames_in_block(1, cfg) == 12  # 3 latent frames, 4 video frames each
+    assert cfg.block_video_frames(0) == 9 and cfg.block_video_frames(1) == 12  # 3 latent frames, 4 video frames each

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from livetalk_ray.config import TOY_INIT_SEED, WAN_NEGATIVE_PROMPT, load_config
+from livetalk_ray.diffusion.clips import sample_clips
 from livetalk_ray.diffusion.sampler import sample_teacher
 from livetalk_ray.models import conditioning
 from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT, group_audio_frames
 from livetalk_ray.models.text import build_text_encoder
-from livetalk_ray.train.teacher import sample_clips
 
 # The wan-1.3b preset with a tiny text encoder and DiT, so the real-preset path runs on CPU.
 TINY_WAN = [

@@ -15,11 +15,10 @@ import pytest
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.chaos import Received, Viewer, judge, kill_replicas
 from livetalk_ray.serving.protocol import pcm16
-from livetalk_ray.serving.session import block_seconds
 from tests.serving.conftest import TOKEN
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-BLOCK_S = block_seconds(load_config("toy"))
+BLOCK_S = load_config("toy").block_seconds
 RECOVER_S = 120  # a replacement replica loads its model meanwhile (seconds here, on two busy cores)
 
 

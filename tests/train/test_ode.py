@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from livetalk_ray.data.schema import SchemaError
+from livetalk_ray.diffusion.clips import conditions
 from livetalk_ray.diffusion.sampler import sample_teacher
 from livetalk_ray.models.checkpoint import save_checkpoint
 from livetalk_ray.models.dit import WanDiT
@@ -24,7 +25,6 @@ from livetalk_ray.train.ode import (
     student_timesteps,
     trajectory_shards,
 )
-from livetalk_ray.train.teacher import conditions
 from tests.train.conftest import train_cfg
 from tests.train.test_loop import assert_same_weights, weights
 

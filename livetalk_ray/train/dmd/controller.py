@@ -29,12 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.diffusion.clips import CONDITION_COLUMNS
 from livetalk_ray.errors import find_user_error
+from livetalk_ray.models.checkpoint import CheckpointError
+from livetalk_ray.seeds import seed_of
 from livetalk_ray.train.cursor import DataCursor
+from livetalk_ray.train.dmd import layout
 from livetalk_ray.train.dmd.placement import RoleActors, start_roles
-from livetalk_ray.train.engine import CHECKPOINT_DIR
 from livetalk_ray.train.loop import MetricsLog, following
-from livetalk_ray.train.teacher import CONDITION_COLUMNS
 
 
 def generator_steps_through(i: int, cfg: LiveTalkConfig) -> int:
@@ -51,9 +53,9 @@ def takes_generator_step(i: int, cfg: LiveTalkConfig) -> bool:
 def request_plan(i: int, cfg: LiveTalkConfig) -> tuple[int, int, int]:
     """(weight version, noise seed, exit step) of rollout i: functions of i alone."""
     version = max(0, generator_steps_through(i, cfg) - cfg.train.dmd.staleness)
-    g = torch.Generator().manual_seed(cfg.runtime.seed * 1_000_003 + i)
+    g = torch.Generator().manual_seed(seed_of(cfg.runtime.seed, "dmd.exit_step", i))
     exit_step = int(torch.randint(cfg.sampler.student_steps, (1,), generator=g))
-    return version, cfg.runtime.seed * 1_000_003 + 2 * i, exit_step
+    return version, seed_of(cfg.runtime.seed, "dmd.rollout", i), exit_step
 
 
 class Controller:
@@ -65,9 +67,12 @@ class Controller:
         files = check_shards(data, cfg)
         # Each rank of a trainer group takes micro_batch_per_worker samples of every batch it is given.
         micro, place = cfg.train.engine.micro_batch_per_worker, cfg.train.dmd.placement
-        self.rollout_data = DataCursor(files, CONDITION_COLUMNS, micro * place.critic.count, seed=cfg.runtime.seed)
+        seed = cfg.runtime.seed
+        self.rollout_data = DataCursor(
+            files, CONDITION_COLUMNS, micro * place.critic.count, seed=seed_of(seed, "dmd.rollout_data")
+        )
         self.generator_data = DataCursor(
-            files, CONDITION_COLUMNS, micro * place.generator.count, seed=cfg.runtime.seed + 1
+            files, CONDITION_COLUMNS, micro * place.generator.count, seed=seed_of(seed, "dmd.generator_data")
         )
         self.log = MetricsLog(self.run_dir, enabled=True)
         self.it = 0  # critic steps done
@@ -120,7 +125,7 @@ class Controller:
             record: dict = {"step": self.it + 1}
             if takes_generator_step(self.it, self.cfg):
                 collect()
-                batch, seed = self.generator_data.next_batch(), self.cfg.runtime.seed * 1_000_003 + 2 * self.it + 1
+                batch, seed = self.generator_data.next_batch(), seed_of(self.cfg.runtime.seed, "dmd.generator", self.it)
                 exit_step = request_plan(self.it, self.cfg)[2]
                 calls = [
                     g.train_step.remote(batch, seed, exit_step, roles.teachers, roles.critics) for g in roles.generators
@@ -132,7 +137,7 @@ class Controller:
                 self.weights[self.version] = roles.generator.weights.remote()
             self._fill_queue()
             x, batch, version = self._take(self.it)
-            seed = request_plan(self.it, self.cfg)[1] + 1
+            seed = seed_of(self.cfg.runtime.seed, "dmd.critic", self.it)
             in_flight.append((record, [c.train_step.remote(x, batch, seed) for c in roles.critics], version))
             self.it += 1
             record.update(generator_version=self.version, queue_depth=len(self.ready) + len(self.pending))
@@ -195,23 +200,24 @@ class Controller:
             self.roles = None
 
     def latest(self) -> Path | None:
-        done = sorted(p.parent for p in (self.run_dir / CHECKPOINT_DIR).glob("step_*/controller.json"))
+        done = layout.finished_steps(self.run_dir)
         return done[-1] if done else None
 
     def _save(self) -> None:
-        directory = self.run_dir / CHECKPOINT_DIR / f"step_{self.it:06d}"
+        directory = layout.step_directory(self.run_dir, self.it)
         directory.mkdir(parents=True, exist_ok=True)
         timeout = self.cfg.train.dmd.role_timeout_s
         for i in sorted(self.pending):  # finished rollouts are state; in-flight ones become finished
             x_ref, version_ref, batch = self.pending.pop(i)
             self.ready[i] = (ray.get(x_ref, timeout=timeout), batch, ray.get(version_ref, timeout=timeout))
         extra = {"dmd_step": self.it, "version": self.version}
-        saves = [g.save_with_ema.remote(str(directory / "generator"), extra) for g in self.roles.generators]
-        saves += [c.save.remote(str(directory / "critic"), extra) for c in self.roles.critics]
+        generator, critic = (str(layout.role_directory(directory, role)) for role in ("generator", "critic"))
+        saves = [g.save_with_ema.remote(generator, extra) for g in self.roles.generators]
+        saves += [c.save.remote(critic, extra) for c in self.roles.critics]
         ray.get(saves, timeout=timeout)  # every rank: DeepSpeed saves collectively
-        torch.save({i: (x, b, v) for i, (x, b, v) in self.ready.items()}, directory / "queue.pt")
+        torch.save({i: (x, b, v) for i, (x, b, v) in self.ready.items()}, directory / layout.QUEUE)
         for v, ref in self.weights.items():
-            save_file(ray.get(ref, timeout=timeout), str(directory / f"rollout_weights_v{v}.safetensors"))
+            save_file(ray.get(ref, timeout=timeout), str(layout.rollout_weights(directory, v)))
         state = {
             "it": self.it,
             "version": self.version,
@@ -220,21 +226,24 @@ class Controller:
             "generator_cursor": self.generator_data.state_dict(),
             "weight_versions": sorted(self.weights),
         }
-        (directory / "controller.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
+        (directory / layout.MARKER).write_text(json.dumps(state, indent=2))  # last: marks it complete
 
     def _load(self, directory: Path) -> None:
-        state = json.loads((directory / "controller.json").read_text())
+        state = json.loads((directory / layout.MARKER).read_text())
         timeout = self.cfg.train.dmd.role_timeout_s
-        generator, critic = str(_engine_dir(directory / "generator")), str(_engine_dir(directory / "critic"))
-        loads = [g.load_with_ema.remote(generator) for g in self.roles.generators]
-        ray.get(loads + [c.load.remote(critic) for c in self.roles.critics], timeout=timeout)
+        generator, critic = (layout.role_engine_checkpoint(directory, r) for r in ("generator", "critic"))
+        if generator is None or critic is None:
+            raise CheckpointError(
+                f"{directory} lacks a generator or critic checkpoint: remove it to resume from the one before"
+            )
+        loads = [g.load_with_ema.remote(str(generator)) for g in self.roles.generators]
+        ray.get(loads + [c.load.remote(str(critic)) for c in self.roles.critics], timeout=timeout)
         self.it, self.version, self.next_request = state["it"], state["version"], state["next_request"]
         self.rollout_data.load_state_dict(state["rollout_cursor"])
         self.generator_data.load_state_dict(state["generator_cursor"])
-        self.ready = torch.load(directory / "queue.pt", weights_only=False)
+        self.ready = torch.load(directory / layout.QUEUE, weights_only=False)
         self.weights = {
-            v: ray.put(load_file(str(directory / f"rollout_weights_v{v}.safetensors")))
-            for v in state["weight_versions"]
+            v: ray.put(load_file(str(layout.rollout_weights(directory, v)))) for v in state["weight_versions"]
         }
         self.log.truncate(self.it)
 
@@ -254,11 +263,6 @@ def rank_mean(results: list[dict]) -> dict:
         if isinstance(value, float):
             merged[key] = sum(r[key] for r in results) / len(results)
     return merged
-
-
-def _engine_dir(role_dir: Path) -> Path:
-    """A role's engine checkpoint inside the controller's step directory."""
-    return sorted((role_dir / CHECKPOINT_DIR).glob("step_*"))[-1]
 
 
 def run_dmd(

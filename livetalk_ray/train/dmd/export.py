@@ -9,27 +9,23 @@ import torch
 from safetensors.torch import load_file
 
 from livetalk_ray.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from livetalk_ray.train.dmd import layout
 from livetalk_ray.train.dmd.roles import EMA_FILE
-from livetalk_ray.train.engine import CHECKPOINT_DIR
 
 
 def generator_directory(path: str | Path) -> Path:
     """The generator engine checkpoint inside a DMD run directory or one of its step directories."""
     path = Path(path)
-    steps = (
-        [path]
-        if (path / "controller.json").exists()
-        else sorted(p.parent for p in (path / CHECKPOINT_DIR).glob("step_*/controller.json"))
-    )
+    steps = [path] if (path / layout.MARKER).exists() else layout.finished_steps(path)
     if not steps:
         raise CheckpointError(
             f"{path} holds no finished DMD checkpoint (no controller.json): pass the --out of `livetalk train dmd`, "
             "or one of its checkpoints/step_NNNNNN directories"
         )
-    inner = sorted((steps[-1] / "generator" / CHECKPOINT_DIR).glob("step_*"))
-    if not inner:
+    inner = layout.role_engine_checkpoint(steps[-1], "generator")
+    if inner is None:
         raise CheckpointError(f"{steps[-1]} has no generator checkpoint")
-    return inner[-1]
+    return inner
 
 
 def export_generator(path: str | Path, out: str | Path, use_ema: bool = True) -> tuple[Path, bool]:

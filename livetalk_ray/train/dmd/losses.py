@@ -34,7 +34,7 @@ def _noised(x: torch.Tensor, flow: FlowSchedule, generator: torch.Generator | No
     b = x.shape[0]
     t = flow.sample_train_timesteps((b,), generator=generator, min_t=MIN_T, max_t=MAX_T).to(x.device, torch.float32)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    sigma = (t / flow.num_train_timesteps).view(b, *[1] * (x.dim() - 1)).to(x.dtype)
+    sigma = flow.sigma_of(t).view(b, *[1] * (x.dim() - 1)).to(x.dtype)
     xt = (1 - sigma) * x + sigma * noise
     if ref is not None:
         xt[:, :, :1] = ref.to(xt.dtype)

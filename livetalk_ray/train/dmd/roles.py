@@ -28,14 +28,14 @@ import torch
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig, resolve_device, resolve_dtype
+from livetalk_ray.diffusion.clips import conditions, rollout
 from livetalk_ray.diffusion.flow import FlowSchedule
-from livetalk_ray.diffusion.sampler import StreamingSampler, guided_velocity, reference_condition
+from livetalk_ray.diffusion.sampler import guided_velocity, reference_condition
 from livetalk_ray.models.checkpoint import load_checkpoint
 from livetalk_ray.models.conditioning import negative_text
-from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.seeds import seed_of
 from livetalk_ray.train.dmd.losses import critic_loss, generator_loss
 from livetalk_ray.train.engine import TrainEngine
-from livetalk_ray.train.teacher import conditions, latent_frames
 
 Batch = dict[str, Any]  # ref_latent, audio_features, text_embedding (CPU tensors)
 EMA_FILE = "ema.safetensors"  # the generator's EMA weights in the Wan layout, beside its engine checkpoint
@@ -68,7 +68,7 @@ class _Role:
         return conditions(batch, self.cfg, self.device, self.dtype)
 
     def _x0(self, v: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.flow.x0_from_v(xt.float(), v.float(), t / self.flow.num_train_timesteps)
+        return self.flow.x0_from_v(xt.float(), v.float(), self.flow.sigma_of(t))
 
     def stats(self) -> dict[str, float]:
         return {"busy_seconds": self.busy_seconds}
@@ -80,21 +80,6 @@ class _Role:
         metrics.record(metrics.TRAIN_STEP_SECONDS, seconds, role=role)
         if step:
             metrics.record(metrics.TRAIN_STEPS, role=role)
-
-
-def rollout(
-    model: WanDiT, cfg: LiveTalkConfig, ref, text, audio, seed: int, exit_step: int, grad: bool
-) -> torch.Tensor:
-    """Self-Forcing rollout: every block through the KV cache, each ending at `exit_step` (x0 of that step,
-    frame 0 of block 0 = the reference), with a graph through the exit step only when `grad`."""
-    sampler = StreamingSampler(model, cfg)
-    state = sampler.start(ref, text, seed=seed)
-    fpb = cfg.cache.frames_per_block
-    blocks = [
-        sampler.next_block(state, audio[:, i : i + fpb], exit_step=exit_step, grad=grad)
-        for i in range(0, latent_frames(cfg), fpb)
-    ]
-    return torch.cat(blocks, dim=2)
 
 
 class TeacherScorer(_Role):
@@ -159,7 +144,8 @@ class _Trainer(_Role):
         return {k: _share(v, self.rank, self.world) for k, v in batch.items()}
 
     def rank_seed(self, seed: int) -> int:
-        return seed + 1_000_000_007 * self.rank  # rank 0 (and a group of one) keeps the controller's seed
+        """This rank's seed for a step: rank 0 (and a group of one) keeps the controller's."""
+        return seed if self.rank == 0 else seed_of(seed, "rank", self.rank)
 
     def save(self, run_dir: str, extra: dict | None = None) -> str:
         return str(self.engine.save(run_dir, extra=extra))
@@ -223,7 +209,7 @@ class GeneratorTrainer(_Trainer):
         teacher, critic = _pick(teacher, self.rank), _pick(critic, self.rank)
         ref, text, audio = self.conditions(batch)
         x = rollout(self.model, self.cfg, ref, text, audio, seed, exit_step, grad=True)
-        gen = torch.Generator(device=self.device).manual_seed(seed + 1)
+        gen = torch.Generator(device=self.device).manual_seed(seed_of(seed, "dmd.generator.scores"))
         waited = 0.0
 
         def remote_x0(role):

@@ -4,8 +4,8 @@ rollout workers that reproduce the generator's own rollouts from published weigh
 import torch
 
 from livetalk_ray.data.reader import ShardReader
-from livetalk_ray.train.dmd.roles import CriticTrainer, GeneratorTrainer, RolloutWorker, TeacherScorer, rollout
-from livetalk_ray.train.teacher import CONDITION_COLUMNS
+from livetalk_ray.diffusion.clips import CONDITION_COLUMNS, rollout
+from livetalk_ray.train.dmd.roles import CriticTrainer, GeneratorTrainer, RolloutWorker, TeacherScorer
 from tests.train.dmd.conftest import dmd_cfg
 
 
