@@ -634,6 +634,40 @@ def load_config(
         raise ConfigError(_format_validation_error(err)) from None
 
 
+# A run resumes only with the same model, data shape and schedules; anything else (steps, workers, device,
+# placement, reporting) may change between invocations and is reported.
+RESUME_MUST_MATCH = (
+    *("model.", "vae.", "text.", "audio.", "video.", "cache.", "data.num_frames", "train.optim."),
+    *("sampler.shift", "sampler.num_train_timesteps", "sampler.student_"),  # what the training draws depend on
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved_config: str | Path, cfg: LiveTalkConfig) -> list[str]:
+    """Compare the config saved beside a checkpoint with the one resuming it: raises ConfigError naming every
+    key of the model, data shape or schedules that differs; returns the other changes ("key: old → new")."""
+    saved = _flatten(load_config(config_file=saved_config).model_dump(mode="json"))
+    now = _flatten(cfg.model_dump(mode="json"))
+    changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    refused = [k for k in changed if k.startswith(RESUME_MUST_MATCH)]
+    if refused:
+        diffs = "; ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in refused)
+        raise ConfigError(
+            f"cannot resume from {Path(saved_config).parent}: the run was made with other settings ({diffs}); "
+            "set them back, or start a new run directory"
+        )
+    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in changed]
+
+
 def resolve_device(cfg: RuntimeConfig) -> str:
     import torch
 

@@ -1,4 +1,4 @@
-"""`livetalk` command line. Every command takes `--preset`, `--config FILE` and `--set a.b=value`."""
+"""`livetalk` command line. Commands that build a model or a run take `--preset`, `--config FILE`, `--set a.b=value`."""
 
 from __future__ import annotations
 

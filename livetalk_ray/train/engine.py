@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from livetalk_ray.config import LiveTalkConfig, OptimConfig
+from livetalk_ray.config import LiveTalkConfig, OptimConfig, resume_changes
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -193,6 +193,10 @@ class TrainEngine:
         """Restore weights, optimizer, schedule and RNGs; returns trainer.json (step, data cursor, ...)."""
         directory = Path(directory)
         state = json.loads((directory / "trainer.json").read_text())
+        if (directory / "config.yaml").is_file():  # refuses another model or schedule, reports the rest
+            state["config_changes"] = resume_changes(directory / "config.yaml", self.cfg)
+            if state["config_changes"] and _rank() == 0:
+                print(f"resuming {directory} with changed settings: " + "; ".join(state["config_changes"]))
         if self.backend == "deepspeed":
             self.engine.load_checkpoint(str(directory / "train_state"), tag="state")
         else:

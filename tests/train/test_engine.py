@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from livetalk_ray.config import load_config
+from livetalk_ray.config import ConfigError, load_config
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.engine import TrainEngine, latest_checkpoint, lr_lambda
 
@@ -98,3 +98,21 @@ def test_lr_schedule():
     f = lr_lambda(cfg.train.optim, cfg.train.max_steps)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(104) == pytest.approx(0.1) and f(54) == pytest.approx(0.55)
+
+
+def test_resume_refuses_another_model_or_schedule_and_reports_the_rest(tmp_path):
+    cfg = load_config("toy", overrides=["model.dim=32", "model.num_heads=2", "model.num_layers=2", "model.ffn_dim=64"])
+    model, engine = make(cfg)
+    train(engine, model, cfg, 1)
+    directory = engine.save(tmp_path / "run")
+
+    longer = cfg.model_copy(deep=True)
+    longer.train.max_steps, longer.runtime.device = 500, "cpu"
+    state = TrainEngine(make(cfg)[0], longer).load(directory)
+    assert state["config_changes"] == ["runtime.device: 'auto' → 'cpu'", "train.max_steps: 1000 → 500"]
+
+    for change in ("train.optim.lr=1e-2", "sampler.shift=3.0"):
+        other = load_config("toy", overrides=["model.dim=32", "model.num_heads=2", "model.num_layers=2",
+                                              "model.ffn_dim=64", change])  # fmt: skip
+        with pytest.raises(ConfigError, match=change.split("=")[0].replace(".", r"\.")):
+            TrainEngine(make(other)[0], other).load(directory)
