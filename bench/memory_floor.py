@@ -24,7 +24,7 @@ def measure(sessions: int, trim: bool) -> dict[str, float]:
     import torch
 
     from livetalk_ray.config import load_config
-    from livetalk_ray.serving.denoiser import release_free_memory
+    from livetalk_ray.serving.sessions import release_free_memory
     from livetalk_ray.serving.vae_decoder import VAEDecoder
 
     torch.set_num_threads(1)

@@ -6,6 +6,8 @@ it cheaply.
 
 from __future__ import annotations
 
+import io
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -13,6 +15,44 @@ import av
 import numpy as np
 import soundfile as sf
 from av.video.reformatter import VideoReformatter
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and why."""
+
+
+def read_image(
+    data: bytes,
+    name: str = "the upload",
+    max_pixels: int = 64 * 2**20,
+    max_side: int = 16384,
+    max_aspect: float = 8.0,
+) -> Image.Image:
+    """Encoded image bytes → an RGB PIL image (EXIF orientation applied); refuses non-images, tiny images and
+    pixel bombs: pixel count, each side and the aspect ratio are read from the header before any pixel is
+    decoded (a 1048576x8 PNG is under any pixel cap, yet resizing it to cover a square costs gigabytes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as raw:
+            w, h = raw.width, raw.height
+            if w * h > max_pixels:
+                raise ImageError(f"{name} is {w}x{h}: more than {max_pixels} pixels")
+            if max(w, h) > max_side:
+                raise ImageError(f"{name} is {w}x{h}: a side is longer than {max_side} pixels")
+            if min(w, h) < 8:
+                raise ImageError(f"reference image {name} is too small ({w}x{h})")
+            if max(w, h) > max_aspect * min(w, h):
+                raise ImageError(f"{name} is {w}x{h}: more than {max_aspect:g} times as wide as high (or high as wide)")
+            image = ImageOps.exif_transpose(raw).convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot read {name} as an image: not a PNG, JPEG, WebP, GIF, BMP or TIFF file") from None
+    except (OSError, Image.DecompressionBombError) as exc:  # the reason, without the in-memory object's address
+        raise ImageError(
+            f"cannot read {name} as an image: {re.sub(r' (at|of) 0x[0-9a-fA-F]+', '', str(exc))}"
+        ) from None
+    if min(image.size) < 8:
+        raise ImageError(f"reference image {name} is too small ({image.width}x{image.height})")
+    return image
 
 
 class AudioError(ValueError):

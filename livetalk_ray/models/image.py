@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import io
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from livetalk_ray.media import ImageError, read_image
 
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the file and why."""
+__all__ = ["ImageError", "decode_reference_image", "load_reference_image", "resize_cover_crop", "tensor_to_uint8"]
 
 
 def resize_cover_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -43,29 +40,9 @@ def decode_reference_image(
     max_side: int = 16384,
     max_aspect: float = 8.0,
 ) -> torch.Tensor:
-    """Encoded image bytes → [3, H, W] in [-1, 1]; refuses non-images, tiny images and pixel bombs: pixel count,
-    each side and the aspect ratio are read from the header before any pixel is decoded (a 1048576x8 PNG is
-    under any pixel cap, yet resizing it to cover a square costs gigabytes)."""
-    try:
-        with Image.open(io.BytesIO(data)) as raw:
-            w, h = raw.width, raw.height
-            if w * h > max_pixels:
-                raise ImageError(f"{name} is {w}x{h}: more than {max_pixels} pixels")
-            if max(w, h) > max_side:
-                raise ImageError(f"{name} is {w}x{h}: a side is longer than {max_side} pixels")
-            if min(w, h) < 8:
-                raise ImageError(f"reference image {name} is too small ({w}x{h})")
-            if max(w, h) > max_aspect * min(w, h):
-                raise ImageError(f"{name} is {w}x{h}: more than {max_aspect:g} times as wide as high (or high as wide)")
-            image = ImageOps.exif_transpose(raw).convert("RGB")
-    except UnidentifiedImageError:
-        raise ImageError(f"cannot read {name} as an image: not a PNG, JPEG, WebP, GIF, BMP or TIFF file") from None
-    except (OSError, Image.DecompressionBombError) as exc:  # the reason, without the in-memory object's address
-        raise ImageError(
-            f"cannot read {name} as an image: {re.sub(r' (at|of) 0x[0-9a-fA-F]+', '', str(exc))}"
-        ) from None
-    if min(image.size) < 8:
-        raise ImageError(f"reference image {name} is too small ({image.width}x{image.height})")
+    """Encoded image bytes → [3, H, W] in [-1, 1], scaled to cover and centre-cropped; the checks of
+    `media.read_image` first."""
+    image = read_image(data, name, max_pixels, max_side, max_aspect)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return (resize_cover_crop(pixels, height, width) / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 

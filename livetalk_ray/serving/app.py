@@ -19,10 +19,11 @@ from ray.serve.config import RequestRouterConfig
 from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import LiveTalkConfig, load_config
-from livetalk_ray.serving.denoiser import Denoiser, replica_actor_name
+from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
+from livetalk_ray.serving.sessions import replica_actor_name
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 

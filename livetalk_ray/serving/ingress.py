@@ -20,14 +20,13 @@ import time
 from collections import deque
 from importlib import resources
 
-import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.models.image import ImageError, decode_reference_image
+from livetalk_ray.media import ImageError, read_image
 from livetalk_ray.serving.portraits import model_note, portrait_png, portraits
 from livetalk_ray.serving.protocol import (
     ProtocolError,
@@ -413,9 +412,9 @@ class Ingress:
             raise HTTPException(503, f"this server holds {s.max_sessions} sessions", headers={"Retry-After": "10"})
         self.starting += 1
         try:
-            pixels = await self._reference(image, portrait)
+            reference = await self._reference(image, portrait)
             session_id = secrets.token_urlsafe(12)
-            spec = SessionSpec(session_id, pixels, persona.strip() or "a friendly assistant", prompt, seed)
+            spec = SessionSpec(session_id, reference, persona.strip() or "a friendly assistant", prompt, seed)
             live = Live(spec, self.cfg, self.handles)
             try:
                 await live.open_chat()
@@ -436,8 +435,9 @@ class Ingress:
             "stream": f"{base}/stream",
         }
 
-    async def _reference(self, image: UploadFile | None, portrait: str | None) -> np.ndarray:
-        v, s = self.cfg.video, self.cfg.serve
+    async def _reference(self, image: UploadFile | None, portrait: str | None) -> bytes:
+        """The reference image's bytes, checked here (format, size, pixel bombs); the Denoiser decodes them."""
+        s = self.cfg.serve
         if (image is None) == (portrait is None):
             raise HTTPException(400, "send exactly one of: an `image` file upload, a `portrait` name")
         if portrait is not None:
@@ -449,19 +449,10 @@ class Ingress:
             if len(data) > s.max_image_bytes:
                 raise HTTPException(413, f"{name} is larger than {s.max_image_bytes} bytes")
         try:  # in a thread: a large image must not stall every other session on this event loop
-            ref = await asyncio.to_thread(
-                decode_reference_image,
-                data,
-                v.height,
-                v.width,
-                name=name,
-                max_pixels=s.max_image_pixels,
-                max_side=s.max_image_side,
-                max_aspect=s.max_image_aspect,
-            )
+            await asyncio.to_thread(read_image, data, name, s.max_image_pixels, s.max_image_side, s.max_image_aspect)
         except ImageError as exc:
             raise HTTPException(415 if "cannot read" in str(exc) else 400, str(exc)) from None
-        return ((ref + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        return data
 
     @app.get("/v1/sessions/{session_id}")
     async def session_status(self, session_id: str, request: Request) -> dict:

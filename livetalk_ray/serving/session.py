@@ -27,8 +27,8 @@ import numpy as np
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.serving.denoiser import SessionLost
 from livetalk_ray.serving.protocol import encode_block, error_event
+from livetalk_ray.serving.sessions import SessionLost
 
 RELEASE_TIMEOUT_S = 5.0  # a replica that does not confirm a release in this time holds nothing worth waiting for
 PROBE_EVERY_S = 0.25  # how often a waiting call checks that the replica holding its session still exists
@@ -51,7 +51,7 @@ class SpeechBacklog(RuntimeError):
 @dataclass
 class SessionSpec:
     session_id: str
-    image: np.ndarray  # [H, W, 3] uint8 at the video size
+    image: bytes  # the reference image as uploaded (checked by the Ingress, decoded by the Denoiser)
     persona: str
     prompt: str
     seed: int

@@ -16,8 +16,8 @@ from PIL import Image
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
 from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
-from livetalk_ray.serving.denoiser import SessionStage, SessionTable
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
+from livetalk_ray.serving.sessions import SessionStage, SessionTable
 
 
 def jpeg(frame: np.ndarray, quality: int) -> bytes:

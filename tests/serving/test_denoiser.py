@@ -1,23 +1,7 @@
-"""A replica's session table: use refreshes a session, idle ones are reaped, and a missing one is `SessionLost`
-with the holder named (the relay re-primes on it)."""
+"""The Denoiser's core: sessions denoised in one batch each get their own blocks; a session the replica does
+not hold is `SessionLost` for that request alone."""
 
-import time
-
-import pytest
-
-from livetalk_ray.serving.denoiser import SessionLost, SessionTable
-
-
-def test_idle_sessions_are_reaped_and_then_lost():
-    table = SessionTable("denoiser")
-    table.put("a", "state a")
-    table.put("b", "state b")
-    time.sleep(0.05)
-    assert table.get("a") == "state a"  # refreshed just now
-    assert table.reap(idle_s=0.03) == ["b"] and len(table) == 1
-    with pytest.raises(SessionLost, match="session b is not held by this denoiser replica"):
-        table.get("b")
-    assert table.close("a") and not table.close("a") and len(table) == 0
+from livetalk_ray.serving.sessions import SessionLost
 
 
 def test_sessions_denoised_in_one_batch_get_their_own_blocks():
@@ -30,7 +14,9 @@ def test_sessions_denoised_in_one_batch_get_their_own_blocks():
     from livetalk_ray.serving.denoiser import DenoiserCore
 
     core = DenoiserCore(load_config("toy", overrides=["model.num_layers=2"]), None)
-    images = [np.full((64, 64, 3), v, np.uint8) for v in (90, 180)]
+    from tests.serving.test_session import png_bytes
+
+    images = [png_bytes(np.full((64, 64, 3), v, np.uint8)) for v in (90, 180)]
     silence = {
         sid: core.open(sid, img, "A person talks.", seed=i)
         for i, (sid, img) in enumerate(zip("ab", images, strict=True))

@@ -22,6 +22,12 @@ def cfg_with(*overrides):
     return load_config("toy", overrides=["model.num_layers=2", *overrides])
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
 @pytest.fixture
 def stages():
     """Fresh deployment objects per test: each test runs its own event loop, and their locks bind to one."""
@@ -33,7 +39,7 @@ def driver_for(stages, *overrides, sid="s1"):
     cfg = cfg_with(*overrides)
     image = np.full((64, 64, 3), 120, np.uint8)
     image[16:48, 20:44] = (200, 160, 130)
-    spec = SessionSpec(sid, image, "a friendly guide", "A person talks.", seed=1)
+    spec = SessionSpec(sid, png_bytes(image), "a friendly guide", "A person talks.", seed=1)
     return SessionDriver(spec, cfg, Stage("denoiser", stages[0], sid), Stage("decoder", stages[1], sid))
 
 
