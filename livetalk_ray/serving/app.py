@@ -23,7 +23,7 @@ from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
-from livetalk_ray.serving.sessions import replica_actor_name
+from livetalk_ray.serving.sessions import reap_forever, replica_actor_name
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
@@ -44,8 +44,12 @@ class LLM:
         bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         self.chat = Chat(config.serve.llm, config.runtime)
+        self.idle_s = config.serve.session_idle_s
+        self.reaper: asyncio.Task | None = None
 
     async def open(self, session_id: str, persona: str, history: list[tuple[str, str]] = ()) -> None:
+        if self.reaper is None:  # the replica's event loop runs by now
+            self.reaper = asyncio.create_task(reap_forever(self.chat.sessions, self.idle_s))
         self.chat.open(session_id, persona, history)
 
     async def reply(self, session_id: str, text: str):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from livetalk_ray.config import ConfigError, LLMConfig, RuntimeConfig, resolve_device, resolve_dtype
+from livetalk_ray.serving.sessions import SessionLost, SessionTable
 
 Message = dict[str, str]
 
@@ -111,7 +112,7 @@ class Chat:
         self.backend: _Backend = (
             TransformersBackend(cfg, runtime) if cfg.backend == "transformers" else OpenAIBackend(cfg)
         )
-        self._sessions: dict[str, _Session] = {}
+        self.sessions = SessionTable("LLM")  # stamped at every use; `reap` releases the idle ones
 
     def open(self, session_id: str, persona: str, history: Iterable[tuple[str, str]] = ()) -> None:
         """Start a session, remembering `history` (user, assistant) exchanges (a session moved from a replica that
@@ -121,11 +122,15 @@ class Chat:
         system = self.cfg.system_prompt.format(persona=persona.strip())
         session = _Session(system, self.cfg.history_turns)
         session.history.extend((str(user), str(assistant)) for user, assistant in history)
-        self._sessions[session_id] = session
+        self.sessions.put(session_id, session)
 
     def close(self, session_id: str) -> None:
-        self._session(session_id)
-        del self._sessions[session_id]
+        if not self.sessions.close(session_id):
+            raise UnknownSession(f"unknown chat session {session_id!r} (not opened, or closed)")
+
+    def reap(self, idle_s: float) -> list[str]:
+        """Forget the sessions nobody has used for `idle_s` (their client vanished without a close)."""
+        return self.sessions.reap(idle_s)
 
     def messages(self, session_id: str, user_text: str) -> list[Message]:
         """The chat the model sees: system prompt, the remembered exchanges, then `user_text`."""
@@ -153,14 +158,16 @@ class Chat:
                 said.append(sentence)
                 yield sentence
         finally:
-            session = self._sessions.get(session_id)  # it may have been closed meanwhile
-            if said and session is not None:
-                session.history.append((messages[-1]["content"], " ".join(said)))
+            if said:
+                try:  # it may have been closed or reaped meanwhile
+                    self.sessions.get(session_id).history.append((messages[-1]["content"], " ".join(said)))
+                except SessionLost:
+                    pass
 
     def _session(self, session_id: str) -> _Session:
         try:
-            return self._sessions[session_id]
-        except KeyError:
+            return self.sessions.get(session_id)
+        except SessionLost:
             raise UnknownSession(f"unknown chat session {session_id!r} (not opened, or closed)") from None
 
 

@@ -214,3 +214,18 @@ def test_a_session_reopened_elsewhere_gets_its_memory_back(endpoint: str) -> Non
         {"role": "assistant", "content": "Bye!"},
         {"role": "user", "content": "What is my name?"},
     ]  # as much as history_turns keeps, newest last
+
+
+def test_idle_chat_sessions_are_reaped(endpoint: str) -> None:
+    """A client that vanished without a close leaves no chat memory behind: the LLM reaps it like the stages."""
+    chat = Chat(LLMConfig(backend="openai", endpoint=endpoint))
+    chat.open("kept", "a robot")
+    chat.open("gone", "a robot")
+    time.sleep(0.05)
+    chat.messages("kept", "Hi")  # used just now
+    assert chat.reap(idle_s=0.03) == ["gone"]
+    with pytest.raises(UnknownSession, match="'gone'"):
+        chat.reply("gone", "Hi")
+    with pytest.raises(UnknownSession):
+        chat.close("gone")
+    chat.close("kept")
