@@ -10,9 +10,8 @@ import pytest
 from livetalk_ray.config import ConfigError
 from livetalk_ray.data.schema import SchemaError
 from livetalk_ray.errors import defer_init_errors, find_user_error, is_user_error, user_error_from_text
-from livetalk_ray.media import AudioError
+from livetalk_ray.media import AudioError, ImageError
 from livetalk_ray.models.checkpoint import CheckpointError
-from livetalk_ray.models.image import ImageError
 from livetalk_ray.models.text import TextError
 from livetalk_ray.models.vae import VAEError
 from livetalk_ray.train.dmd.placement import PlacementError

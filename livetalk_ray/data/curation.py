@@ -281,7 +281,8 @@ def prepare_clip(source: ClipSource, cfg: LiveTalkConfig) -> CuratedClip:
     audio = decode_audio(source.video, cfg)
     quality = curate(frames, audio, cfg)
     if source.ref_image:
-        from livetalk_ray.models.image import ImageError, load_reference_image
+        from livetalk_ray.media import ImageError
+        from livetalk_ray.models.image import load_reference_image
 
         try:
             ref = load_reference_image(source.ref_image, cfg.video.height, cfg.video.width)

@@ -10,8 +10,6 @@ import torch.nn.functional as F
 
 from livetalk_ray.media import ImageError, read_image
 
-__all__ = ["ImageError", "decode_reference_image", "load_reference_image", "resize_cover_crop", "tensor_to_uint8"]
-
 
 def resize_cover_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[..., C, H, W] float → scaled to cover (height, width), centre-cropped (LiveTalk's resize_pad, whose

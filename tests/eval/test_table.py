@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from livetalk_ray.cli import app
-from tests.test_cli import assert_user_error
+from tests.cli.test_app import assert_user_error
 from tests.train.conftest import train_cfg
 
 

@@ -19,7 +19,7 @@ import yaml
 from livetalk_ray.cli.monitor import prometheus_config
 from tests.test_metrics_end_to_end import free_port
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 LIVETALK = str(Path(sys.executable).with_name("livetalk"))
 
 

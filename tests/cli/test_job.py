@@ -28,16 +28,10 @@ import yaml
 from typer.testing import CliRunner
 
 from livetalk_ray.cli import app
-from livetalk_ray.cli.job import (
-    _report_end,
-    build_entrypoint,
-    job_stages,
-    project_root,
-    resolve_stage,
-    staged_working_dir,
-)
+from livetalk_ray.cli.job import _report_end
+from livetalk_ray.cli.job_client import build_entrypoint, job_stages, project_root, resolve_stage, staged_working_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 JOB_ID = re.compile(r"raysubmit_\w+")
 # Ray's own log-streaming client passes aiohttp a deprecated argument; nothing this project can change.
