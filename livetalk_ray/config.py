@@ -407,6 +407,15 @@ class ServeConfig(_Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     speech: SpeechConfig = Field(default_factory=SpeechConfig)
 
+    @property
+    def image_limits(self) -> dict[str, float]:
+        """The reference-image checks (`media.read_image`), the same where the Ingress and the Denoiser read it."""
+        return {
+            "max_pixels": self.max_image_pixels,
+            "max_side": self.max_image_side,
+            "max_aspect": self.max_image_aspect,
+        }
+
 
 class RuntimeConfig(_Section):
     device: str = "auto"  # auto → cuda when available, else cpu

@@ -29,18 +29,10 @@ def load_reference_image(path: str | Path, height: int, width: int) -> torch.Ten
     return decode_reference_image(path.read_bytes(), height, width, name=str(path))
 
 
-def decode_reference_image(
-    data: bytes,
-    height: int,
-    width: int,
-    name: str = "the upload",
-    max_pixels: int = 64 * 2**20,
-    max_side: int = 16384,
-    max_aspect: float = 8.0,
-) -> torch.Tensor:
-    """Encoded image bytes → [3, H, W] in [-1, 1], scaled to cover and centre-cropped; the checks of
-    `media.read_image` first."""
-    image = read_image(data, name, max_pixels, max_side, max_aspect)
+def decode_reference_image(data: bytes, height: int, width: int, name: str = "the upload", **limits) -> torch.Tensor:
+    """Encoded image bytes → [3, H, W] in [-1, 1], scaled to cover and centre-cropped; first the checks of
+    `media.read_image` (`limits`: its max_pixels, max_side, max_aspect)."""
+    image = read_image(data, name, **limits)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return (resize_cover_crop(pixels, height, width) / 127.5 - 1.0).clamp(-1.0, 1.0).contiguous()
 

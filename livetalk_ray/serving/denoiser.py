@@ -33,7 +33,7 @@ class DenoiserCore:
         `livetalk generate` does); returns the audio samples block 0 wants pushed (its frames plus the feature
         window's lookahead)."""
         video = self.cfg.video
-        ref = decode_reference_image(image, video.height, video.width)
+        ref = decode_reference_image(image, video.height, video.width, **self.cfg.serve.image_limits)
         stream = self.pipe.open_stream(ref.to(self.pipe.device), prompt, seed=seed)
         self.sessions.put(session_id, stream)
         return stream.audio.samples_needed_for_block(0)

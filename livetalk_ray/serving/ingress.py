@@ -449,7 +449,7 @@ class Ingress:
             if len(data) > s.max_image_bytes:
                 raise HTTPException(413, f"{name} is larger than {s.max_image_bytes} bytes")
         try:  # in a thread: a large image must not stall every other session on this event loop
-            await asyncio.to_thread(read_image, data, name, s.max_image_pixels, s.max_image_side, s.max_image_aspect)
+            await asyncio.to_thread(read_image, data, name, **s.image_limits)
         except ImageError as exc:
             raise HTTPException(415 if "cannot read" in str(exc) else 400, str(exc)) from None
         return data
