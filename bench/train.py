@@ -110,7 +110,7 @@ def main() -> None:
         f"train.engine.micro_batch_per_worker={args.batch}",
         f"train.checkpoint_every={args.steps}",
         "train.cpus_per_worker=1",
-        "train.eval_clips=1",
+        "train.report_clips=1",
         "sampler.teacher_steps=8",  # the end-of-run sample report only; training cost is unaffected
     ]
     cfg = load_config("toy", overrides=overrides)

@@ -28,23 +28,27 @@ class _Section(BaseModel):
 
 
 class DiTConfig(_Section):
-    """WanDiT architecture. Defaults are LiveTalk's 1.3B student (merged OmniAvatar-1.3B layout)."""
+    """WanDiT architecture. Defaults are LiveTalk's 1.3B student (merged OmniAvatar-1.3B layout).
+
+    The five interface sizes without defaults (`in_dim`, `out_dim`, `text_dim`, `audio_feature_dim`,
+    `audio_frames_per_latent`) belong to the VAE and the encoders: in a LiveTalkConfig they are derived from
+    those sections (`derived_model_sizes`), so each is set in exactly one place."""
 
     dim: int = 1536
     ffn_dim: int = 8960
     num_heads: int = 12
     num_layers: int = 30
-    in_dim: int = 33  # 16 noisy latent + 16 reference-image latent + 1 mask channel
-    out_dim: int = 16
-    text_dim: int = 4096
+    in_dim: int  # noisy latent + reference-image latent + 1 mask channel (2·vae.z_dim + 1)
+    out_dim: int  # vae.z_dim
+    text_dim: int  # text.d_model
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
     rope_theta: float = 10000.0
     use_audio: bool = True
-    audio_feature_dim: int = 10752  # wav2vec2 last_hidden_state + 13 hidden states, 14 x 768
+    audio_feature_dim: int  # audio.feature_dim: wav2vec2 last_hidden_state + all hidden states (1.3B: 14 x 768)
     audio_hidden_size: int = 32
-    audio_frames_per_latent: int = 4  # AudioPack packs 4 video frames per latent frame
+    audio_frames_per_latent: int  # vae.temporal_factor: AudioPack packs this many video frames per latent frame
 
     @model_validator(mode="after")
     def _check(self) -> DiTConfig:
@@ -216,7 +220,7 @@ class OptimConfig(_Section):
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.max_steps
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the end of the schedule (train.max_steps)
 
 
 class EngineConfig(_Section):
@@ -308,7 +312,7 @@ class VAETrainConfig(_Section):
     # the decoder's temporal reach, short enough that stream starts (the reference frame's path) train often
     episode_chunks: int = 10
     kl_weight: float = 1e-6
-    eval_clips: int = 4  # held-out clips for the PSNR report
+    psnr_clips: int = 4  # clips of --data held out of training for the PSNR report
     eval_stream_seconds: float = 12.0  # ... over each clip's first 33 frames and over a stream this long
     # False: fine-tune the decoder only; latents, and every shard and model made from them, stay valid.
     train_encoder: bool = True
@@ -322,6 +326,8 @@ class TrainConfig(_Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    # The stage's length in optimizer steps (DMD: critic steps, one per iteration): the LR schedule spans it
+    # and a training command stops there unless `--max-steps` stops this invocation earlier or later.
     max_steps: int = 1000
     checkpoint_every: int = 100
     max_failures: int = 3  # Ray Train restarts the worker group from the newest checkpoint this often
@@ -331,19 +337,20 @@ class TrainConfig(_Section):
     gpus_per_worker: float = 1.0
     # Held-out conditions for the sample report (PNG frames, lip-sync); None: the first training clips.
     eval_data: str | None = None
-    eval_clips: int = 2
+    report_clips: int = 2  # conditions of eval_data the sample report draws
 
 
 class PipelineConfig(_Section):
     """`livetalk pipeline`: the whole toy chain, stage by stage (the values of the run in the README)."""
 
     train_clips: int = 160
-    eval_clips: int = 16
-    vae_steps: int = 2000
-    teacher_steps: int = 2500
-    ode_steps: int = 3000  # an upper bound: the plateau detector ends the stage
+    heldout_clips: int = 16  # toy-world clips rendered for evaluation only
+    # Each stage's train.max_steps in the chain
+    vae_train_steps: int = 2000
+    teacher_train_steps: int = 2500
+    ode_train_steps: int = 3000  # an upper bound: the plateau detector ends the stage
     ode_lr: float = 2e-4
-    dmd_steps: int = 600
+    dmd_train_steps: int = 600  # critic steps
     eval_seconds: float = 60.0  # each held-out portrait's stream in the long-stream evaluation
     eval_people: int = 2  # bundled portraits streamed (all six are held out of training)
 
@@ -423,8 +430,35 @@ class RuntimeConfig(_Section):
     seed: int = 0
 
 
+def derived_model_sizes(vae: VAEConfig, audio: AudioEncoderConfig, text: TextEncoderConfig) -> dict[str, int]:
+    """The DiT's interface sizes, which the VAE and the encoders decide."""
+    return {
+        "in_dim": 2 * vae.z_dim + 1,
+        "out_dim": vae.z_dim,
+        "text_dim": text.d_model,
+        "audio_feature_dim": audio.feature_dim,
+        "audio_frames_per_latent": vae.temporal_factor,
+    }
+
+
+DERIVED_FROM = {
+    "in_dim": "vae.z_dim",
+    "out_dim": "vae.z_dim",
+    "text_dim": "text.d_model",
+    "audio_feature_dim": "audio.hidden_size and audio.num_hidden_layers",
+    "audio_frames_per_latent": "vae.temporal_downsample",
+}
+
+
+def _section(data: dict[str, Any], name: str, cls: type[_Section]) -> Any:
+    value = data.get(name, {})
+    return value if isinstance(value, cls) else cls.model_validate(value)
+
+
 class LiveTalkConfig(_Section):
-    preset: str = "wan-1.3b"
+    """The whole config. Its defaults are the `wan-1.3b` preset; `load_config` starts from DEFAULT_PRESET."""
+
+    preset: str  # the preset these values started from (`load_config` merges it under file and overrides)
     model: DiTConfig = Field(default_factory=DiTConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     video: VideoConfig = Field(default_factory=VideoConfig)
@@ -438,22 +472,36 @@ class LiveTalkConfig(_Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_model_sizes(cls, data: Any) -> Any:
+        """Fill the DiT's interface sizes from the VAE and encoder sections; a given value must agree."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            sizes = derived_model_sizes(
+                _section(data, "vae", VAEConfig),
+                _section(data, "audio", AudioEncoderConfig),
+                _section(data, "text", TextEncoderConfig),
+            )
+        except ValidationError:
+            return data  # the section's own error is reported by the normal validation
+        model = data.get("model", {})
+        model = model.model_dump() if isinstance(model, DiTConfig) else dict(model)
+        for key, value in sizes.items():
+            if key in model and model[key] != value:
+                raise ValueError(
+                    f"model.{key}={model[key]} disagrees with {DERIVED_FROM[key]} ({value}): "
+                    f"it is derived from there, set {DERIVED_FROM[key]} instead"
+                )
+            model[key] = value
+        return {**data, "model": model}
+
     @model_validator(mode="after")
     def _check_consistency(self) -> LiveTalkConfig:
-        if self.model.use_audio and self.model.audio_feature_dim != self.audio.feature_dim:
-            raise ValueError(
-                f"model.audio_feature_dim={self.model.audio_feature_dim} but the audio encoder gives "
-                f"{self.audio.feature_dim} (= hidden_size x (num_hidden_layers + 2))"
-            )
-        if self.model.text_dim != self.text.d_model:
-            raise ValueError(f"model.text_dim={self.model.text_dim} but text.d_model={self.text.d_model}")
-        if self.model.in_dim != 2 * self.vae.z_dim + 1 or self.model.out_dim != self.vae.z_dim:
-            raise ValueError("model.in_dim must be 2*vae.z_dim+1 and model.out_dim must be vae.z_dim")
         factor = self.vae.spatial_factor * self.model.patch_size[1]
         if self.video.height % factor or self.video.width % factor:
             raise ValueError(f"video height/width must be multiples of {factor} (VAE x patch)")
-        if self.model.audio_frames_per_latent != self.vae.temporal_factor:
-            raise ValueError("model.audio_frames_per_latent must equal the VAE's temporal factor")
         return self
 
     # Derived sizes, computed rather than stored so they cannot disagree.
@@ -500,10 +548,13 @@ class LiveTalkConfig(_Section):
         return (self.latent_height // p[1]) * (self.latent_width // p[2])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        """The resolved config as YAML; the derived model sizes are left out (they follow from the rest)."""
+        tree = self.model_dump(mode="json", exclude={"model": set(DERIVED_FROM)})
+        Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
 # Presets are partial dicts over the defaults above (which are the 1.3B student's).
+DEFAULT_PRESET = "toy"  # what every command uses when neither --preset nor a config file names one
 PRESETS: dict[str, dict[str, Any]] = {
     "wan-1.3b": {},
     "wan-14b": {"model": {"dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}},
@@ -514,8 +565,6 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ffn_dim": 256,
             "num_heads": 4,
             "num_layers": 6,
-            "text_dim": 64,
-            "audio_feature_dim": 32 * 4,
             "audio_hidden_size": 16,
         },
         "video": {"height": 64, "width": 64},
@@ -571,6 +620,10 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     keys = dotted.strip().split(".")
     if not all(keys):
         raise ConfigError(f"override {item!r} has an empty key")
+    if dotted.strip() in RENAMED:
+        raise ConfigError(
+            f"{dotted.strip()} was renamed {RENAMED[dotted.strip()]}: use --set {RENAMED[dotted.strip()]}=..."
+        )
     return keys, yaml.safe_load(raw) if raw.strip() else ""
 
 
@@ -592,26 +645,59 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden" and _section_keys(e["loc"][:-1]) is not None:
             unknown.setdefault(tuple(e["loc"][:-1]), []).append(where)
         else:
-            problems.append(f"{where}: {e['msg']}")
+            message = e["msg"].removeprefix("Value error, ")
+            problems.append(message if where == "config" else f"{where}: {message}")
     for loc, keys in unknown.items():  # say which keys exist
         section = ".".join(str(p) for p in loc) or "the config"
         problems.append(f"unknown {', '.join(keys)} ({section} has {', '.join(_section_keys(loc) or [])})")
     return "invalid config: " + "; ".join(problems)
 
 
+# Keys renamed so that each name has one meaning (old → new). Config files saved under the old names load
+# (moved to the new ones); an override with an old name is refused with the new name.
+RENAMED = {
+    "pipeline.eval_clips": "pipeline.heldout_clips",
+    "pipeline.vae_steps": "pipeline.vae_train_steps",
+    "pipeline.teacher_steps": "pipeline.teacher_train_steps",
+    "pipeline.ode_steps": "pipeline.ode_train_steps",
+    "pipeline.dmd_steps": "pipeline.dmd_train_steps",
+    "train.eval_clips": "train.report_clips",
+    "train.vae.eval_clips": "train.vae.psnr_clips",
+}
+
+
+def _pop_path(tree: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.get(key)
+        if not isinstance(tree, dict):
+            return False, None
+    return (True, tree.pop(leaf)) if leaf in tree else (False, None)
+
+
+def _set_default_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree.setdefault(leaf, value)
+
+
 def _migrate(file_data: dict[str, Any]) -> None:
-    """Configs saved by earlier versions: `text.negative_prompt` (never used) is `sampler.negative_prompt`."""
-    text = file_data.get("text")
-    if isinstance(text, dict) and "negative_prompt" in text:
-        prompt = text.pop("negative_prompt")
-        if prompt:
-            file_data.setdefault("sampler", {}).setdefault("negative_prompt", prompt)
+    """Configs saved by earlier versions: renamed keys move to their new names; `text.negative_prompt` (never
+    used) is `sampler.negative_prompt`."""
+    for old, new in RENAMED.items():
+        found, value = _pop_path(file_data, old)
+        if found:
+            _set_default_path(file_data, new, value)
+    found, prompt = _pop_path(file_data, "text.negative_prompt")
+    if found and prompt:
+        _set_default_path(file_data, "sampler.negative_prompt", prompt)
 
 
 def load_config(
     preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | None = None
 ) -> LiveTalkConfig:
-    """Preset (default `toy`, or the file's own `preset`) ← YAML file ← `a.b=value` overrides."""
+    """Preset (DEFAULT_PRESET, or the file's own `preset`) ← YAML file ← `a.b=value` overrides."""
     file_data: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
@@ -623,7 +709,7 @@ def load_config(
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(file_data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    name = preset or file_data.get("preset") or "toy"
+    name = preset or file_data.get("preset") or DEFAULT_PRESET
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     data = _deep_merge({"preset": name}, PRESETS[name])

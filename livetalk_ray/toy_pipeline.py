@@ -64,14 +64,15 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
         from livetalk_ray.toyworld.clips import make_demo_dataset
 
         v = cfg.video
-        for name, count, seed in (("clips_train", p.train_clips, 1), ("clips_eval", p.eval_clips, 2)):
+        for name, count, seed in (("clips_train", p.train_clips, 1), ("clips_eval", p.heldout_clips, 2)):
             make_demo_dataset(out / name, count, seed, fps=v.fps, height=v.height, width=v.width, progress=progress)
         return {"train": str(out / "clips_train"), "eval": str(out / "clips_eval")}
 
     def vae() -> dict:
         from livetalk_ray.train.vae import train_vae
 
-        result = train_vae(cfg, out / "clips_train", out / "vae", p.vae_steps, resume=True)
+        vae_cfg = with_(train__max_steps=p.vae_train_steps)  # the cosine LR schedule spans the stage
+        result = train_vae(vae_cfg, out / "clips_train", out / "vae", p.vae_train_steps, resume=True)
         return {"vae_path": result["vae_path"], **{k: v for k, v in result["history"][-1].items() if k != "step"}}
 
     stage("clips", clips)
@@ -90,7 +91,10 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
     def teacher() -> dict:
         from livetalk_ray.train.launch import run_stage
 
-        summary = run_stage("teacher", base, out / "shards", out / "teacher", p.teacher_steps, resume=True)
+        teacher_cfg = with_(
+            vae__path=vae_path, train__eval_data=str(out / "shards_eval"), train__max_steps=p.teacher_train_steps
+        )
+        summary = run_stage("teacher", teacher_cfg, out / "shards", out / "teacher", p.teacher_train_steps, resume=True)
         return {"checkpoint": _latest(out / "teacher"), "lipsync": summary.get("lipsync_mean")}
 
     stage("shards", shards)
@@ -112,8 +116,9 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
             train__ode__teacher_checkpoint=teacher_ckpt,
             train__optim__lr=p.ode_lr,
             train__plateau__stop=True,
+            train__max_steps=p.ode_train_steps,
         )
-        summary = run_stage("ode", ode_cfg, out / "traj", out / "ode", p.ode_steps, resume=True)
+        summary = run_stage("ode", ode_cfg, out / "traj", out / "ode", p.ode_train_steps, resume=True)
         return {
             "checkpoint": _latest(out / "ode"),
             "lipsync": summary.get("lipsync_mean"),
@@ -127,9 +132,12 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
         from livetalk_ray.train.dmd.controller import run_dmd
 
         dmd_cfg = with_(
-            vae__path=vae_path, train__dmd__generator_checkpoint=ode_ckpt, train__dmd__teacher_checkpoint=teacher_ckpt
+            vae__path=vae_path,
+            train__dmd__generator_checkpoint=ode_ckpt,
+            train__dmd__teacher_checkpoint=teacher_ckpt,
+            train__max_steps=p.dmd_train_steps,
         )
-        return run_dmd(dmd_cfg, out / "shards", out / "dmd", p.dmd_steps, resume=True)
+        return run_dmd(dmd_cfg, out / "shards", out / "dmd", p.dmd_train_steps, resume=True)
 
     def export() -> dict:
         from livetalk_ray.train.dmd.export import export_generator

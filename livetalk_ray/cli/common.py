@@ -19,12 +19,12 @@ import typer
 from rich.console import Console
 
 from livetalk_ray.cli.errors import quiet_ray_console, report_user_error
-from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config
+from livetalk_ray.config import DEFAULT_PRESET, PRESETS, ConfigError, LiveTalkConfig, load_config
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="toy | wan-1.3b | wan-14b (default toy)")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help=f"{' | '.join(PRESETS)} (default {DEFAULT_PRESET})")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set cache.sink_size=6")]
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster address; default: local Ray")]

@@ -30,12 +30,18 @@ def step_progress(label: str, fields: str):
     return Progress(*columns, TimeRemainingColumn(), console=console)
 
 
+MaxStepsOpt = Annotated[
+    int | None,
+    typer.Option("--max-steps", min=0, help="stop after this step (default train.max_steps, the LR schedule's span)"),
+]
+
+
 @train_app.command("vae")
 @friendly_errors
 def train_vae_command(
     data: Annotated[Path, typer.Option("--data", help="directory of toy-world clips")],
     out: Annotated[Path, typer.Option("--out", help="run directory (checkpoints/step_NNNNNN/vae)")],
-    max_steps: Annotated[int, typer.Option("--max-steps", min=0)] = 2000,
+    max_steps: MaxStepsOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint")] = False,
     preset: PresetOpt = None,
     config: ConfigOpt = None,
@@ -47,13 +53,14 @@ def train_vae_command(
     cfg = resolve_config(preset, config, set_)
     if cfg.preset != "toy":
         raise ConfigError("train vae fits the toy VAE only; real presets load the pretrained Wan VAE (vae.path)")
+    stop = cfg.train.max_steps if max_steps is None else max_steps
     with step_progress("vae", "loss {task.fields[loss]}") as bar:
-        task = bar.add_task("steps", total=max_steps, loss="-")
+        task = bar.add_task("steps", total=stop, loss="-")
         result = train_vae(
             cfg,
             data,
             out,
-            max_steps,
+            stop,
             resume,
             on_step=lambda step, loss: bar.update(task, completed=step, loss=f"{loss:.4f}"),
         )
@@ -68,10 +75,6 @@ ode_app = typer.Typer(no_args_is_help=True, help="Teacher ODE trajectories for t
 
 DataOpt = Annotated[Path, typer.Option("--data", help="prepared shards (`livetalk data prepare`)")]
 OutOpt = Annotated[Path, typer.Option("--out", help="run directory (checkpoints/step_NNNNNN/)")]
-MaxStepsOpt = Annotated[
-    int | None,
-    typer.Option("--max-steps", min=0, help="stop after this step (default train.max_steps, the LR schedule's span)"),
-]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the newest checkpoint in --out")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", min=1, help="Ray Train workers (default train.workers)")]
 EvalOpt = Annotated[Path | None, typer.Option("--eval-data", help="held-out shards for the sample report")]

@@ -96,7 +96,7 @@ def evaluate(
     """The table's rows. With `drift=False` each student streams `seconds` once, for its speed only (the
     long-stream evaluation, eval/longform.py, measures identity second by second instead)."""
     cfg = cfg.model_copy(deep=True)
-    cfg.train.eval_clips = clips
+    cfg.train.report_clips = clips
     reporter = Reporter(cfg, load_stage("teacher"), Path(out_dir or "."), data_dir=str(eval_data))
     batch = reporter.eval_batch()
     audio, fps = batch["audio"].numpy(), cfg.video.fps

@@ -64,16 +64,13 @@ def init_distributed_for_deepspeed() -> None:
     import deepspeed
 
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if not dist.is_initialized():
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        if "MASTER_PORT" not in os.environ:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        if os.environ["WORLD_SIZE"] == "1":
+            # A world of one rendezvouses in memory: no TCP port to pick, race for or expose.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -93,7 +90,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class TrainEngine:
-    def __init__(self, model: nn.Module, cfg: LiveTalkConfig, optim: OptimConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LiveTalkConfig,
+        optim: OptimConfig | None = None,
+        schedule_steps: int | None = None,
+    ) -> None:
+        """`optim` and `schedule_steps` (the LR schedule's span) default to `train.optim` and `train.max_steps`;
+        a DMD generator passes its own step count, as it steps once per several iterations."""
         self.cfg, self.model = cfg, model
         train, optim = cfg.train, optim or cfg.train.optim
         params = [p for p in model.parameters() if p.requires_grad]
@@ -101,7 +106,7 @@ class TrainEngine:
         optimizer = torch.optim.AdamW(
             params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, foreach=False
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, train.max_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim, schedule_steps or train.max_steps))
         self.backend = train.engine.backend
         self.micro_steps = 0
         if self.backend == "deepspeed":

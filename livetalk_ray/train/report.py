@@ -75,7 +75,7 @@ class Reporter:
         if self._batch is None:
             columns = ["latents", "ref_latent", "audio_features", "text_embedding", "audio", "ref_image"]
             reader = ShardReader(self.eval_dir, self.cfg, columns=columns)
-            self._batch = next(reader.iter_batches(self.cfg.train.eval_clips))
+            self._batch = next(reader.iter_batches(self.cfg.train.report_clips))
         return self._batch
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:

@@ -46,9 +46,9 @@ def load_clips(clips_dir: str | Path, cfg: LiveTalkConfig) -> list[np.ndarray]:
             clips.append(decode_frames(source.video, probe(source.video, clip_cfg), clip_cfg))
         except Rejected:
             continue  # broken or short clips teach nothing; `data prepare` reports them
-    if len(clips) <= cfg.train.vae.eval_clips:
+    if len(clips) <= cfg.train.vae.psnr_clips:
         raise FileNotFoundError(
-            f"{clips_dir}: need more than {cfg.train.vae.eval_clips} readable clips, "
+            f"{clips_dir}: need more than {cfg.train.vae.psnr_clips} readable clips, "
             f"found {len(clips)} (make some with `livetalk demo-data`)"
         )
     return clips
@@ -211,12 +211,13 @@ def train_vae(
     resume: bool,
     on_step: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Fit the toy VAE (from `vae.path` when set, else from scratch); checkpoints every
-    `train.checkpoint_every` steps and at the end, resumable bit-exactly."""
+    """Fit the toy VAE (from `vae.path` when set, else from scratch) until step `max_steps` (its LR schedule
+    spans `train.max_steps`); checkpoints every `train.checkpoint_every` steps and at the end, resumable
+    bit-exactly."""
     tcfg = cfg.train.vae
     run_dir = Path(run_dir)
     clips = load_clips(clips_dir, cfg)
-    held_out, train_clips = clips[: tcfg.eval_clips], clips[tcfg.eval_clips :]
+    held_out, train_clips = clips[: tcfg.psnr_clips], clips[tcfg.psnr_clips :]
     torch.manual_seed(cfg.runtime.seed)
     model = WanVAE(cfg.vae, seed=TOY_INIT_SEED).model.train().requires_grad_(True)
     model.to(resolve_device(cfg.runtime))
@@ -225,7 +226,6 @@ def train_vae(
         model.quant_conv.requires_grad_(False)
     engine_cfg = cfg.model_copy(deep=True)
     engine_cfg.train.engine.backend = "torch"  # a few MB on one process: no distribution to gain
-    engine_cfg.train.max_steps = max_steps
     optim = engine_cfg.train.optim.model_copy(update={"lr": tcfg.lr, "schedule": tcfg.schedule})
     engine = TrainEngine(model, engine_cfg, optim=optim)
     generator = torch.Generator().manual_seed(cfg.runtime.seed)

@@ -131,9 +131,9 @@ def clips(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def outside_config(tmp_path_factory) -> Path:
-    """A config outside the project. Two clips fit the vae stage only with its eval_clips=1 (the default is 4)."""
+    """A config outside the project. Two clips fit the vae stage only with its psnr_clips=1 (the default is 4)."""
     path = tmp_path_factory.mktemp("elsewhere") / "outside.yaml"
-    path.write_text("train:\n  vae:\n    eval_clips: 1\n")
+    path.write_text("train:\n  vae:\n    psnr_clips: 1\n")
     assert ROOT not in path.parents
     return path
 
@@ -286,7 +286,7 @@ def test_succeeded_job_saw_the_outside_config_and_the_override(succeeded_job):
     assert "SUCCEEDED" in result.output and "held-out PSNR" in result.output  # the streamed log
     assert "--config _livetalk_job/outside.yaml --set runtime.seed=4242" in result.output  # Ray echoes the entrypoint
     saved = yaml.safe_load((out / "checkpoints" / "step_000000" / "config.yaml").read_text())
-    assert saved["train"]["vae"]["eval_clips"] == 1  # from the file that lives outside the project
+    assert saved["train"]["vae"]["psnr_clips"] == 1  # from the file that lives outside the project
     assert saved["runtime"]["seed"] == 4242
 
 

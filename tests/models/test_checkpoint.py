@@ -178,7 +178,18 @@ def test_wan_layout_is_strict_but_ignores_the_image_branch(tmp_path: Path) -> No
 
 # ---- diffusers ----
 # The tiny diffusers transformer of tiny_diffusers(2, 12, 32, 32, 2): 16 input channels, no audio.
-TINY = DiTConfig(dim=24, ffn_dim=32, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, use_audio=False)
+TINY = DiTConfig(
+    dim=24,
+    ffn_dim=32,
+    num_heads=2,
+    num_layers=2,
+    in_dim=16,
+    out_dim=16,
+    text_dim=32,
+    use_audio=False,
+    audio_feature_dim=8,
+    audio_frames_per_latent=4,
+)
 
 
 def test_diffusers_mapping_covers_every_key_with_the_right_shape() -> None:

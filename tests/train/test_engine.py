@@ -116,3 +116,21 @@ def test_resume_refuses_another_model_or_schedule_and_reports_the_rest(tmp_path)
                                               "model.ffn_dim=64", change])  # fmt: skip
         with pytest.raises(ConfigError, match=change.split("=")[0].replace(".", r"\.")):
             TrainEngine(make(other)[0], other).load(directory)
+
+
+def test_a_deepspeed_world_of_one_opens_no_port():
+    """Two role actors used to race for a probed free port (EADDRINUSE); a world of one needs no socket."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, torch.distributed as dist\n"
+        "from livetalk_ray.train.engine import init_distributed_for_deepspeed\n"
+        "init_distributed_for_deepspeed()\n"
+        "print(dist.get_world_size(), dist.get_rank(), 'MASTER_PORT' in os.environ)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["1", "0", "False"]

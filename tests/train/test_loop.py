@@ -47,7 +47,7 @@ def test_run_directory_has_curves_samples_and_report(random_shards, tmp_path):
         assert (run / "checkpoints" / f"step_{step:06d}" / "samples.png").is_file()
     report = json.loads((run / "report.json").read_text())
     assert [r["step"] for r in report] == [2, 4]
-    assert len(report[-1]["lipsync"]) == cfg.train.eval_clips  # toy preset: scored samples
+    assert len(report[-1]["lipsync"]) == cfg.train.report_clips  # toy preset: scored samples
     assert summary["lipsync_mean"] == report[-1]["lipsync_mean"]
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(r["samples_per_s"] > 0 for r in records)

@@ -22,7 +22,7 @@ def cfg(**over):
         "toy",
         overrides=[
             "train.vae.clips_per_step=2",
-            "train.vae.eval_clips=2",
+            "train.vae.psnr_clips=2",
             "train.vae.eval_stream_seconds=3",
             "train.vae.chunk_latents=2",
             "train.vae.schedule=constant",

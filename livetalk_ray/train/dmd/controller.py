@@ -36,18 +36,8 @@ from livetalk_ray.seeds import seed_of
 from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.dmd import layout
 from livetalk_ray.train.dmd.placement import RoleActors, start_roles
+from livetalk_ray.train.dmd.schedule import generator_steps_through, takes_generator_step
 from livetalk_ray.train.loop import MetricsLog, following
-
-
-def generator_steps_through(i: int, cfg: LiveTalkConfig) -> int:
-    """G(i): generator steps taken before critic step i runs (the step at iteration i included)."""
-    d = cfg.train.dmd
-    return 0 if i < d.critic_warmup else (i - d.critic_warmup) // d.critic_per_generator + 1
-
-
-def takes_generator_step(i: int, cfg: LiveTalkConfig) -> bool:
-    d = cfg.train.dmd
-    return i >= d.critic_warmup and (i - d.critic_warmup) % d.critic_per_generator == 0
 
 
 def request_plan(i: int, cfg: LiveTalkConfig) -> tuple[int, int, int]:

@@ -5,6 +5,7 @@ count above one are DeepSpeed groups: their ranks meet in a process group before
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import ray
@@ -25,6 +26,7 @@ class RoleActors:
     rollouts: list[ray.actor.ActorHandle]
     group: object = None
     all: list[ray.actor.ActorHandle] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
     @property
     def generator(self) -> ray.actor.ActorHandle:
@@ -42,10 +44,24 @@ class RoleActors:
         return {role: sum(s["busy_seconds"] for s in values) for role, values in stats.items()}
 
     def kill(self) -> None:
-        for actor in self.all:
-            ray.kill(actor, no_restart=True)
-        if self.group is not None:
-            remove_placement_group(self.group)
+        kill_roles(self.all, self.names, self.group)
+
+
+def kill_roles(actors: list, names: list[str], group, release_timeout_s: float = 30.0) -> None:
+    """Kill the actors and free their bundles, then wait until their names are released: a restarted run
+    names its new actors the same, and `ray.kill` only asks the GCS to end them."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    if group is not None:
+        remove_placement_group(group)
+    deadline = time.monotonic() + release_timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name)
+            except ValueError:
+                break
+            time.sleep(0.05)
 
 
 def bundle(spec: RolePlacement) -> dict[str, float]:
@@ -80,25 +96,31 @@ def start_roles(cfg: LiveTalkConfig, name: str) -> RoleActors:
         raise PlacementError(_placement_report(bundles))
     cfg_json = cfg.model_dump(mode="json")
     actors: dict[str, list] = {}
-    index = 0
-    for role, cls, spec, checkpoint, count in layout:
-        for k in range(count):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
-            options = {"num_cpus": spec.cpus, "num_gpus": spec.gpus, "scheduling_strategy": strategy}
-            actor = ray.remote(cls).options(name=f"{name}:{role}:{k}", max_restarts=0, **options)
-            args = (cfg_json, checkpoint, count) if role in TRAINER_ROLES else (cfg_json, checkpoint)
-            actors.setdefault(role, []).append(actor.remote(*args))
-            index += 1
-    everyone = [a for group_actors in actors.values() for a in group_actors]
-    ray.get([a.stats.remote() for a in everyone], timeout=ready_timeout_s)  # constructors finished
-    joins = []  # both groups rendezvous at once (each rank's join blocks until its whole group has joined)
-    for role in TRAINER_ROLES:
-        ranks = actors[role]
-        if len(ranks) > 1:
-            address, port = ray.get(ranks[0].rendezvous_address.remote(), timeout=ready_timeout_s)
-            joins += [a.join.remote(r, len(ranks), address, port) for r, a in enumerate(ranks)]
-    ray.get(joins, timeout=ready_timeout_s)
-    return RoleActors(actors["generator"], actors["critic"], actors["teacher"], actors["rollout"], group, everyone)
+    everyone, names = [], []
+    try:
+        for role, cls, spec, checkpoint, count in layout:
+            for k in range(count):
+                index = len(everyone)
+                strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index)
+                options = {"num_cpus": spec.cpus, "num_gpus": spec.gpus, "scheduling_strategy": strategy}
+                names.append(f"{name}:{role}:{k}")
+                actor = ray.remote(cls).options(name=names[-1], max_restarts=0, **options)
+                args = (cfg_json, checkpoint, count) if role in TRAINER_ROLES else (cfg_json, checkpoint)
+                everyone.append(actor.remote(*args))
+                actors.setdefault(role, []).append(everyone[-1])
+        ray.get([a.stats.remote() for a in everyone], timeout=ready_timeout_s)  # constructors finished
+        joins = []  # both groups rendezvous at once (each rank's join blocks until its whole group has joined)
+        for role in TRAINER_ROLES:
+            ranks = actors[role]
+            if len(ranks) > 1:
+                address, port = ray.get(ranks[0].rendezvous_address.remote(), timeout=ready_timeout_s)
+                joins += [a.join.remote(r, len(ranks), address, port) for r, a in enumerate(ranks)]
+        ray.get(joins, timeout=ready_timeout_s)
+    except BaseException:
+        kill_roles(everyone, names, group)  # a role that failed to start must not leave its siblings running
+        raise
+    generators, critics, teachers, rollouts = (actors[r] for r in ("generator", "critic", "teacher", "rollout"))
+    return RoleActors(generators, critics, teachers, rollouts, group, everyone, names)
 
 
 TRAINER_ROLES = ("generator", "critic")

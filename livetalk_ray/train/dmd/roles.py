@@ -35,6 +35,7 @@ from livetalk_ray.models.checkpoint import load_checkpoint
 from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.seeds import seed_of
 from livetalk_ray.train.dmd.losses import critic_loss, generator_loss
+from livetalk_ray.train.dmd.schedule import generator_schedule_steps
 from livetalk_ray.train.engine import TrainEngine
 
 Batch = dict[str, Any]  # ref_latent, audio_features, text_embedding (CPU tensors)
@@ -113,13 +114,19 @@ class _Trainer(_Role):
     """A trainer role's rank. With `world=1` it is ready at once; rank actors of a larger group are ready
     after every rank has called `join` (the process group rendezvous)."""
 
-    def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool, lr: float, world: int = 1) -> None:
+    def __init__(
+        self, cfg: LiveTalkConfig | dict, checkpoint: str, causal: bool, lr: float, schedule_steps: int, world: int = 1
+    ) -> None:
         super().__init__(cfg, checkpoint, causal)
         self.model.train().requires_grad_(True)
         self.optim = self.cfg.train.optim.model_copy(update={"lr": lr, "betas": self.cfg.train.dmd.betas})
+        self.schedule_steps = schedule_steps  # this role's own steps in a run of train.max_steps iterations
         self.rank, self.world = 0, world
         if world == 1:
-            self.engine = TrainEngine(self.model, self.cfg, optim=self.optim)
+            self.engine = self._engine()
+
+    def _engine(self) -> TrainEngine:
+        return TrainEngine(self.model, self.cfg, optim=self.optim, schedule_steps=self.schedule_steps)
 
     @staticmethod
     def rendezvous_address() -> tuple[str, int]:
@@ -136,7 +143,7 @@ class _Trainer(_Role):
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=address, MASTER_PORT=str(port)
         )
-        self.engine = TrainEngine(self.model, self.cfg, optim=self.optim)
+        self.engine = self._engine()
         return rank
 
     def share(self, batch: Batch) -> Batch:
@@ -168,7 +175,8 @@ def _share(value, rank: int, world: int):
 class CriticTrainer(_Trainer):
     def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, world: int = 1) -> None:
         cfg = _cfg(cfg)
-        super().__init__(cfg, checkpoint, causal=False, lr=cfg.train.dmd.critic_lr, world=world)
+        d = cfg.train.dmd
+        super().__init__(cfg, checkpoint, causal=False, lr=d.critic_lr, schedule_steps=cfg.train.max_steps, world=world)
 
     def _v(self, module, xt: torch.Tensor, t: torch.Tensor, batch: Batch) -> torch.Tensor:
         ref, text, audio = self.conditions(batch)
@@ -198,7 +206,8 @@ class CriticTrainer(_Trainer):
 class GeneratorTrainer(_Trainer):
     def __init__(self, cfg: LiveTalkConfig | dict, checkpoint: str, world: int = 1) -> None:
         cfg = _cfg(cfg)
-        super().__init__(cfg, checkpoint, causal=True, lr=cfg.train.dmd.generator_lr, world=world)
+        lr, steps = cfg.train.dmd.generator_lr, generator_schedule_steps(cfg)
+        super().__init__(cfg, checkpoint, causal=True, lr=lr, schedule_steps=steps, world=world)
         self.ema: dict[str, torch.Tensor] | None = None  # fp32 shadow on rank 0, created at train.dmd.ema_start
 
     def train_step(self, batch: Batch, seed: int, exit_step: int, teacher, critic) -> dict[str, float]:

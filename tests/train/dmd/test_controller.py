@@ -9,7 +9,8 @@ import pytest
 import ray
 from safetensors.torch import load_file
 
-from livetalk_ray.train.dmd.controller import Controller, generator_steps_through, request_plan
+from livetalk_ray.train.dmd.controller import Controller, request_plan
+from livetalk_ray.train.dmd.schedule import generator_steps_through
 from tests.train.dmd.conftest import dmd_cfg
 
 
@@ -132,3 +133,25 @@ def test_roles_that_do_not_fit_the_cluster_fail_fast_with_the_numbers(
     cfg = dmd_cfg(*dmd_checkpoints, "train.dmd.placement.critic.cpus=8", "train.dmd.role_timeout_s=3")
     with pytest.raises(PlacementError, match=r"more than the cluster has: CPU 8\.75 \(cluster: 2\)"):
         Controller(cfg, random_shards, tmp_path / "run", 4).run()
+
+
+def test_roles_that_fail_to_start_leave_no_actor_or_bundle_behind(
+    ray_cluster, dmd_checkpoints, random_shards, tmp_path
+):
+    """The critic's constructor fails (its checkpoint is corrupt) after the generator has started: the
+    started roles are killed and their names released, so a retry or another run can start them again."""
+    import shutil
+
+    from ray.util import placement_group_table
+
+    teacher, student = dmd_checkpoints
+    broken = tmp_path / "broken_teacher"
+    shutil.copytree(teacher, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    controller = Controller(dmd_cfg(str(broken), student), random_shards, tmp_path / "run", 4)
+    with pytest.raises(Exception, match="(?i)safetensors|checkpoint"):
+        controller.run()
+    for role in ("generator", "critic", "teacher", "rollout"):
+        with pytest.raises(ValueError):
+            ray.get_actor(f"{controller.name}:{role}:0")
+    assert not [g for g in placement_group_table().values() if g["state"] not in ("REMOVED",)]

@@ -24,8 +24,9 @@ from pathlib import Path
 import ray
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.train.dmd.controller import Controller, generator_steps_through
+from livetalk_ray.train.dmd.controller import Controller
 from livetalk_ray.train.dmd.placement import bundle
+from livetalk_ray.train.dmd.schedule import generator_steps_through
 from tests.train.dmd.conftest import dmd_cfg
 
 REPO = Path(__file__).resolve().parents[3]
