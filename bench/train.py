@@ -46,25 +46,26 @@ def score_run(run_dir: Path, bar: float, vae: str | None) -> dict:
     import numpy as np
     import torch
 
+    from livetalk_ray.data.reader import first_batch
+    from livetalk_ray.diffusion.clips import EVAL_COLUMNS, SAMPLE_SEED, sample_clips
     from livetalk_ray.models.checkpoint import load_checkpoint
+    from livetalk_ray.models.vae import WanVAE
+    from livetalk_ray.toyworld.measure import lip_sync_scores
     from livetalk_ray.train.loop import load_stage
-    from livetalk_ray.train.report import REPORT_SEED, Reporter, toy_lipsync
 
     steps = sorted((run_dir / "checkpoints").glob("step_*"))
     cfg = load_config(config_file=steps[-1] / "config.yaml", overrides=[f"vae.path={vae}"] if vae else None)
-    stage = load_stage("teacher")
-    reporter = Reporter(cfg, stage, Path(tempfile.mkdtemp()), data_dir=cfg.train.eval_data)
-    batch = reporter.eval_batch()
+    batch = first_batch(cfg.train.eval_data, cfg, EVAL_COLUMNS, cfg.train.report_clips)
+    decoder = WanVAE(cfg.vae)
     audio, fps = batch["audio"].numpy(), cfg.video.fps
 
     def lipsync(model) -> float:
-        return float(
-            np.mean(toy_lipsync(reporter.decode(stage.sample(model.eval(), cfg, batch, REPORT_SEED)), audio, fps))
-        )
+        frames = decoder.decode_frames(sample_clips(model.eval(), cfg, batch, SAMPLE_SEED))
+        return float(np.mean(lip_sync_scores(frames, audio, fps)))
 
     torch.manual_seed(cfg.runtime.seed)
-    floor = lipsync(stage.build_model(cfg, "cpu", torch.float32))
-    ceiling = float(np.mean(toy_lipsync(reporter.decode(batch["latents"]), audio, fps)))
+    floor = lipsync(load_stage("teacher").build_model(cfg, "cpu", torch.float32))
+    ceiling = float(np.mean(lip_sync_scores(decoder.decode_frames(batch["latents"]), audio, fps)))
     train_s = {r["step"]: r["train_s"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
     history = []
     for directory in steps:

@@ -55,6 +55,11 @@ def table_to_batch(table: pa.Table, columns: list[str] | None = None) -> dict[st
     return batch
 
 
+def first_batch(directory: str | Path, cfg: LiveTalkConfig, columns: list[str], size: int) -> dict:
+    """The first `size` clips of the shards in `directory`, in file order: fixed evaluation conditions."""
+    return next(ShardReader(directory, cfg, columns=columns).iter_batches(size))
+
+
 class ShardReader:
     """Iterate shards in batches of clips; shuffles shard order and rows per epoch when `seed` is given."""
 

@@ -13,6 +13,11 @@ from livetalk_ray.models.dit import WanDiT, group_audio_frames
 
 # The shard columns a clip's conditions come from.
 CONDITION_COLUMNS = ["ref_latent", "audio_features", "text_embedding"]
+# ...and those of an evaluation sample: the conditions plus the ground truth, its speech and its portrait.
+EVAL_COLUMNS = [*CONDITION_COLUMNS, "latents", "audio", "ref_image"]
+# The noise seed of every evaluation sample (training reports, `livetalk eval`, benchmarks): the same noise
+# at every checkpoint and for every model, so their samples are comparable.
+SAMPLE_SEED = 1234
 
 
 def conditions(batch: dict, cfg: LiveTalkConfig, device, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -61,7 +61,7 @@ def held_out_talk(cfg: LiveTalkConfig, name: str, identity_seed: int, seconds: f
 
 def portrait_talks(cfg: LiveTalkConfig, seconds: float, people: int) -> list[HeldOutTalk]:
     """The first `people` bundled portraits (never in a training set), each with its own speech."""
-    from livetalk_ray.serving.portraits import PORTRAIT_SEEDS
+    from livetalk_ray.toyworld.render import PORTRAIT_SEEDS
 
     chosen = list(PORTRAIT_SEEDS.items())[:people]
     return [held_out_talk(cfg, name, seed, seconds, seed=1000 + i) for i, (name, seed) in enumerate(chosen)]

@@ -26,12 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.data.reader import first_batch
+from livetalk_ray.diffusion.clips import EVAL_COLUMNS, SAMPLE_SEED, sample_clips, sample_stream
 from livetalk_ray.eval.frechet import frame_features, frechet_distance
 from livetalk_ray.eval.longform import stream_student
 from livetalk_ray.models.checkpoint import load_checkpoint
-from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance
-from livetalk_ray.train.loop import load_stage
-from livetalk_ray.train.report import REPORT_SEED, Reporter, frame_grid, toy_lipsync
+from livetalk_ray.models.image import frame_grid
+from livetalk_ray.models.vae import WanVAE
+from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance, lip_sync_scores
 
 
 @dataclass(frozen=True)
@@ -73,14 +75,14 @@ def frame_health(frames: np.ndarray, truth_std: float) -> dict:
     }
 
 
-def _sample(reporter: Reporter, cand: Candidate, cfg: LiveTalkConfig, batch: dict) -> tuple[np.ndarray, float, float]:
+def _sample(vae: WanVAE, cand: Candidate, cfg: LiveTalkConfig, batch: dict) -> tuple[np.ndarray, float, float]:
     """Frames of every clip in `batch`, seconds to denoise, seconds to denoise and decode."""
     model, _ = load_checkpoint(cand.checkpoint, causal=cand.streaming)
-    stage = load_stage("ode" if cand.streaming else "teacher")
+    sample = sample_stream if cand.streaming else sample_clips
     start = time.perf_counter()
-    latents = stage.sample(model.eval(), cfg, batch, REPORT_SEED)
+    latents = sample(model.eval(), cfg, batch, SAMPLE_SEED)
     denoised = time.perf_counter()
-    frames = reporter.decode(latents)
+    frames = vae.decode_frames(latents)
     return frames, denoised - start, time.perf_counter() - start
 
 
@@ -95,20 +97,18 @@ def evaluate(
 ) -> list[dict]:
     """The table's rows. With `drift=False` each student streams `seconds` once, for its speed only (the
     long-stream evaluation, eval/longform.py, measures identity second by second instead)."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.train.report_clips = clips
-    reporter = Reporter(cfg, load_stage("teacher"), Path(out_dir or "."), data_dir=str(eval_data))
-    batch = reporter.eval_batch()
+    batch = first_batch(eval_data, cfg, EVAL_COLUMNS, clips)
+    vae = WanVAE(cfg.vae)
     audio, fps = batch["audio"].numpy(), cfg.video.fps
-    truth = reporter.decode(batch["latents"])
+    truth = vae.decode_frames(batch["latents"])
     truth_features = frame_features(truth.reshape(-1, *truth.shape[2:]))
     truth_std = float(truth.reshape(-1, *truth.shape[2:]).astype(np.float32).std(axis=(1, 2, 3)).mean())
     rows, grids = [], []
     for cand in candidates:
-        frames = _sample(reporter, cand, cfg, batch)[0]
+        frames = _sample(vae, cand, cfg, batch)[0]
         row: dict = {
             "model": cand.name,
-            "lipsync": float(np.mean(toy_lipsync(frames, audio, fps))),
+            "lipsync": float(np.mean(lip_sync_scores(frames, audio, fps))),
             "frechet": frechet_distance(frame_features(frames.reshape(-1, *frames.shape[2:])), truth_features),
         }
         grids.append(frame_grid(frames[:2], batch["ref_image"].numpy()[:2]))
@@ -123,7 +123,7 @@ def evaluate(
                     batch["ref_image"][0].numpy(),
                     np.concatenate(list(audio)),
                     seconds,
-                    seed=REPORT_SEED,
+                    seed=SAMPLE_SEED,
                 )
                 window = 3 * fps
                 drifts[label] = identity_distance(
@@ -136,7 +136,7 @@ def evaluate(
                 row[f"face_lost_{label}"] = not np.isfinite(value)
         else:
             one = {k: v[:1] for k, v in batch.items()}
-            frames_one, denoise_s, total_s = _sample(reporter, cand, cfg, one)
+            frames_one, denoise_s, total_s = _sample(vae, cand, cfg, one)
             n = frames_one.shape[1]
             row.update(fps=n / total_s, ttff_s=total_s, denoise_fps=n / denoise_s, denoise_ttff_s=denoise_s)
             row.update(
@@ -146,7 +146,7 @@ def evaluate(
             )
         rows.append(row)
     _speedups(rows)
-    truth_row = {"model": "ground truth (VAE)", "lipsync": float(np.mean(toy_lipsync(truth, audio, fps)))}
+    truth_row = {"model": "ground truth (VAE)", "lipsync": float(np.mean(lip_sync_scores(truth, audio, fps)))}
     if out_dir is not None:
         from PIL import Image
 

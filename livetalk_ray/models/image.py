@@ -40,3 +40,13 @@ def decode_reference_image(data: bytes, height: int, width: int, name: str = "th
 def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
     """Video [3, T, H, W] in [-1, 1] → [T, H, W, 3] uint8."""
     return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+
+
+def frame_grid(frames: np.ndarray, refs: np.ndarray, every: int = 2) -> np.ndarray:
+    """[B, T, H, W, 3] + references [B, H, W, 3] → one image: a row per clip, reference first."""
+    rows = []
+    for clip, ref in zip(frames, refs, strict=True):
+        tiles = [ref, np.full_like(ref[:, :4], 255), *clip[::every]]
+        rows.append(np.concatenate(tiles, axis=1))
+    pad = np.full_like(rows[0][:4], 255)
+    return np.concatenate([r for row in rows for r in (row, pad)][:-1], axis=0)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import patchify, unpatchify
 
 from livetalk_ray.config import VAEConfig
+from livetalk_ray.models.image import tensor_to_uint8
 
 
 class VAEError(ValueError):
@@ -100,6 +102,11 @@ class WanVAE:
         """Whole-clip decode: normalised latents [B, z, F, h, w] → video [B, 3, 1+4(F-1), H, W] in [-1, 1]."""
         z = (latents.float() * self.std + self.mean).to(self.dtype)
         return self.model.decode(z).sample.float()
+
+    @torch.no_grad()
+    def decode_frames(self, latents: torch.Tensor) -> np.ndarray:
+        """Whole-clip decode to viewable frames: normalised latents [B, z, F, h, w] → [B, T, H, W, 3] uint8."""
+        return np.stack([tensor_to_uint8(clip) for clip in self.decode(latents.to(self.device))])
 
     def stream(self) -> VAEDecodeStream:
         return VAEDecodeStream(self)

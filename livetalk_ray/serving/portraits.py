@@ -6,8 +6,7 @@ from __future__ import annotations
 import io
 from functools import cache
 
-PORTRAIT_SEEDS = {"ada": 11, "bo": 23, "cy": 37, "dee": 41, "eli": 53, "fay": 67}
-
+from livetalk_ray.toyworld.render import PORTRAIT_SEEDS
 
 TOY_NOTE = (
     "The embedded toy model knows only toy-world portraits (64x64 drawn heads like these, none of them seen in"

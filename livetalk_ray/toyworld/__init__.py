@@ -21,6 +21,7 @@ from livetalk_ray.toyworld.measure import (
     identity_descriptor,
     identity_distance,
     lip_sync_score,
+    lip_sync_scores,
     mouth_openness,
 )
 from livetalk_ray.toyworld.render import (
@@ -45,6 +46,7 @@ __all__ = [
     "identity_descriptor",
     "identity_distance",
     "lip_sync_score",
+    "lip_sync_scores",
     "load_truth",
     "make_demo_dataset",
     "mouth_openness",

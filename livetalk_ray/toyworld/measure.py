@@ -266,3 +266,8 @@ def lip_sync_score(
             per_lag[lag] = _pearson(mouth[:lag], env[-lag:])
     best = max(per_lag, key=lambda k: (per_lag[k], -abs(k)))
     return LipSync(per_lag[best], best, per_lag)
+
+
+def lip_sync_scores(frames: np.ndarray, audio: np.ndarray, fps: float) -> list[float]:
+    """Per clip of a batch (frames [B, T, H, W, 3], speech [B, samples]): its lip-sync score."""
+    return [float(lip_sync_score(f, a, fps).score) for f, a in zip(frames, audio, strict=True)]

@@ -147,6 +147,10 @@ def _pick(rng: np.random.Generator, palette: dict[str, RGB], avoid: list[tuple[R
     return name, (r, g, b)
 
 
+# Identities no training set contains: the page's bundled portraits and `livetalk eval`'s held-out people.
+PORTRAIT_SEEDS = {"ada": 11, "bo": 23, "cy": 37, "dee": 41, "eli": 53, "fay": 67}
+
+
 def sample_identity(seed: int) -> Identity:
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))  # stream 1: identity, apart from motion/speech
     skin, skin_rgb = _pick(rng, SKIN_TONES, [])

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.data.reader import ShardReader
+from livetalk_ray.data.reader import first_batch
+from livetalk_ray.diffusion.clips import EVAL_COLUMNS, SAMPLE_SEED
 from livetalk_ray.models.dit import WanDiT
-from livetalk_ray.models.image import tensor_to_uint8
-
-REPORT_SEED = 1234  # the same sample noise at every checkpoint, so the grids are comparable
+from livetalk_ray.models.image import frame_grid
 
 
 def plot_loss(records: list[dict], path: Path, title: str) -> None:
@@ -48,16 +47,6 @@ def plot_loss(records: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def frame_grid(frames: np.ndarray, refs: np.ndarray, every: int = 2) -> np.ndarray:
-    """[B, T, H, W, 3] + references [B, H, W, 3] → one image: a row per clip, reference first."""
-    rows = []
-    for clip, ref in zip(frames, refs, strict=True):
-        tiles = [ref, np.full_like(ref[:, :4], 255), *clip[::every]]
-        rows.append(np.concatenate(tiles, axis=1))
-    pad = np.full_like(rows[0][:4], 255)
-    return np.concatenate([r for row in rows for r in (row, pad)][:-1], axis=0)
-
-
 class Reporter:
     def __init__(self, cfg: LiveTalkConfig, stage, run_dir: Path, data_dir: str) -> None:
         self.cfg, self.stage, self.run_dir = cfg, stage, run_dir
@@ -73,9 +62,7 @@ class Reporter:
 
     def eval_batch(self) -> dict:
         if self._batch is None:
-            columns = ["latents", "ref_latent", "audio_features", "text_embedding", "audio", "ref_image"]
-            reader = ShardReader(self.eval_dir, self.cfg, columns=columns)
-            self._batch = next(reader.iter_batches(self.cfg.train.report_clips))
+            self._batch = first_batch(self.eval_dir, self.cfg, EVAL_COLUMNS, self.cfg.train.report_clips)
         return self._batch
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -83,9 +70,7 @@ class Reporter:
 
         if self._vae is None:
             self._vae = WanVAE(self.cfg.vae, device=latents.device)
-        with torch.no_grad():
-            video = self._vae.decode(latents.float())  # [B, 3, T, H, W] in [-1, 1]
-        return np.stack([tensor_to_uint8(clip) for clip in video])
+        return self._vae.decode_frames(latents)
 
     def report(self, model: WanDiT, directory: Path, records: list[dict], plateau) -> dict:
         """Loss curve, sample grid and (toy) lip-sync for the checkpoint in `directory`."""
@@ -94,7 +79,7 @@ class Reporter:
         batch = self.eval_batch()
         was_training = model.training
         model.eval()
-        latents = self.stage.sample(model, self.cfg, batch, REPORT_SEED)
+        latents = self.stage.sample(model, self.cfg, batch, SAMPLE_SEED)
         model.train(was_training)
         frames = self.decode(latents)
         from PIL import Image
@@ -106,15 +91,10 @@ class Reporter:
             entry["loss_mean_last_50"] = float(np.mean(tail))
             entry["train_s"] = records[-1].get("train_s")
         if self.cfg.preset == "toy":
-            entry["lipsync"] = toy_lipsync(frames, batch["audio"].numpy(), self.cfg.video.fps)
+            from livetalk_ray.toyworld.measure import lip_sync_scores
+
+            entry["lipsync"] = lip_sync_scores(frames, batch["audio"].numpy(), self.cfg.video.fps)
             entry["lipsync_mean"] = float(np.mean(entry["lipsync"]))
         self.history = [h for h in self.history if h["step"] < entry["step"]] + [entry]
         self.history_path.write_text(json.dumps(self.history, indent=2))
         return entry
-
-
-def toy_lipsync(frames: np.ndarray, audio: np.ndarray, fps: float) -> list[float]:
-    """Per clip: the toy world's lip-sync score of generated frames against the clip's speech."""
-    from livetalk_ray.toyworld.measure import lip_sync_score
-
-    return [float(lip_sync_score(f, a, fps).score) for f, a in zip(frames, audio, strict=True)]

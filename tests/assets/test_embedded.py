@@ -64,7 +64,7 @@ def test_the_shipped_student_keeps_a_held_out_portraits_face_for_20_seconds():
     """A bundled portrait (held out of training) streamed for 20 s: every second looks like its reference
     (the toy world's identity distance; the truth scores 0.03 to 0.07, another person at least 0.18)."""
     from livetalk_ray.eval.longform import OTHER_PERSON, held_out_talk, score_stream, stream_student
-    from livetalk_ray.serving.portraits import PORTRAIT_SEEDS
+    from livetalk_ray.toyworld.render import PORTRAIT_SEEDS
 
     cfg, checkpoint = with_embedded_weights(load_config("toy"), None)
     talk = held_out_talk(cfg, "cy", PORTRAIT_SEEDS["cy"], 20.0, seed=7)  # the README eval streams ada and bo

@@ -139,3 +139,13 @@ def test_patchified_vae_streams_like_its_whole_clip_paths():
         )
     assert streamed.shape == video.shape
     assert torch.allclose(streamed.clamp(-1, 1), whole, atol=1e-5)
+
+
+def test_decode_frames_gives_the_decoded_clips_as_uint8(vae):
+    from livetalk_ray.models.image import tensor_to_uint8
+
+    latents = latents_of(3).repeat(2, 1, 1, 1, 1)
+    frames = vae.decode_frames(latents)
+    video = vae.decode(latents)
+    assert frames.shape == (2, 9, *video.shape[3:], 3)
+    assert (frames[1] == tensor_to_uint8(video[1])).all()

@@ -13,6 +13,7 @@ from livetalk_ray.toyworld import (
     identity_descriptor,
     identity_distance,
     lip_sync_score,
+    lip_sync_scores,
     load_truth,
     mouth_openness,
     read_clip,
@@ -85,6 +86,8 @@ def test_lip_sync_real_far_above_mismatched(clean_set: list[ClipInfo]) -> None:
         other = decoded[(k + 1) % len(decoded)][1]
         fake.append(lip_sync_score(frames, other, fps).score)
     assert min(real) > 0.9
+    frames, audio = [d[0] for d in decoded], [d[1] for d in decoded]
+    assert lip_sync_scores(frames, audio, decoded[0][2]) == real  # a batch's scores: each clip's own
     assert np.mean(fake) < 0.6 and np.mean(real) - np.mean(fake) > 0.35
     assert all(r > f + 0.05 for r, f in zip(real, fake, strict=True))
 
