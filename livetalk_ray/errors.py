@@ -19,7 +19,7 @@ import sys
 # text imports its module.)
 USER_ERRORS = frozenset(
     {
-        "livetalk_ray.config.ConfigError",
+        "livetalk_ray.config.base.ConfigError",
         "livetalk_ray.data.schema.SchemaError",
         "livetalk_ray.media.AudioError",
         "livetalk_ray.media.ImageError",

@@ -124,7 +124,7 @@ def test_traceback_text():
     text = (
         "The actor died because of an error raised in its creation task, \x1b[36mray::A.__init__()\x1b[39m (pid=1)\n"
         '  File "x.py", line 9, in __init__\n    raise ConfigError("bad")\n'
-        "livetalk_ray.config.ConfigError: bad"
+        "livetalk_ray.config.base.ConfigError: bad"
     )
     assert str(user_error_from_text(text)) == "bad"
     chained = text + "\n\nDuring handling of the above exception, another exception occurred:\n\nKeyError: 'x'"

