@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from livetalk_ray.audio_timeline import SampleBuffer, sample_at_frame
 from livetalk_ray.config import AudioEncoderConfig
 from livetalk_ray.media import AudioError, load_audio
 
@@ -221,9 +222,7 @@ class StreamingAudioFeatures:
         self.lookahead_frames = round((cfg.lookahead_s if lookahead_s is None else lookahead_s) * fps)
         self.latent_frames_per_block = latent_frames_per_block
         self.frames_per_latent = frames_per_latent
-        self._buf = np.zeros(0, np.float32)  # bounded by `forget_before`, so appending by copy is cheap
-        self._base = 0  # absolute index of _buf[0]; earlier samples were dropped by `forget_before`
-        self._pushed = 0
+        self.heard = SampleBuffer()  # bounded by `forget_before`
         self._forgotten = 0  # frames before this can no longer be requested
         self.finished = False
         if wave is not None:  # a whole clip: push it and close the stream
@@ -237,8 +236,7 @@ class StreamingAudioFeatures:
         x = torch.as_tensor(samples).detach().float().cpu().numpy().reshape(-1)
         if not np.isfinite(x).all():
             raise AudioError("pushed audio contains NaN or inf")
-        self._buf = np.concatenate([self._buf, x])
-        self._pushed += len(x)
+        self.heard.push(x)
 
     def finish(self) -> None:
         """No more audio will come."""
@@ -246,25 +244,20 @@ class StreamingAudioFeatures:
 
     @property
     def num_samples(self) -> int:
-        return self._pushed
+        return self.heard.pushed
 
     def sample_index(self, frame: int) -> int:
         """Absolute sample at the time of video frame `frame`."""
-        return round(frame * self.encoder.sample_rate / self.fps)
+        return sample_at_frame(frame, self.encoder.sample_rate, self.fps)
 
     def samples_between(self, s0: int, s1: int) -> np.ndarray:
         """Pushed audio at absolute samples [s0, s1), zeros where none was pushed (e.g. for muxing)."""
-        if s0 < self._base:
-            raise ValueError(f"samples before {self._base} were dropped by forget_before")
-        out = np.zeros(max(0, s1 - s0), np.float32)
-        got = self._buf[s0 - self._base : max(s0, s1) - self._base]
-        out[: len(got)] = got
-        return out
+        return self.heard.between(s0, s1)
 
     def window(self, f0: int, f1: int) -> tuple[int, int]:
         w0, w1 = max(0, f0 - self.left_frames), f1 + self.lookahead_frames
         if self.finished:  # lookahead stops at the last frame whose time lies inside the audio
-            w1 = max(f1, min(w1, math.floor(self._pushed * self.fps / self.encoder.sample_rate) + 1))
+            w1 = max(f1, min(w1, math.floor(self.heard.pushed * self.fps / self.encoder.sample_rate) + 1))
         return w0, w1
 
     def samples_needed(self, f0: int, f1: int) -> int:
@@ -280,7 +273,7 @@ class StreamingAudioFeatures:
         return self.samples_needed(*self.block_frames(k))
 
     def ready(self, k: int) -> bool:
-        return self.finished or self._pushed >= self.samples_needed_for_block(k)
+        return self.finished or self.heard.pushed >= self.samples_needed_for_block(k)
 
     def features(self, f0: int, f1: int) -> torch.Tensor:
         """[f1 - f0, feature_dim] for video frames [f0, f1); missing audio counts as silence."""
@@ -289,7 +282,7 @@ class StreamingAudioFeatures:
         if f0 < self._forgotten:
             raise ValueError(f"audio for frame {f0} was dropped by forget_before({self._forgotten})")
         w0, w1 = self.window(f0, f1)
-        out = self.encoder.encode_frames(self._buf, self.fps, w0, w1, offset=self._base)
+        out = self.encoder.encode_frames(self.heard.samples, self.fps, w0, w1, offset=self.heard.base)
         return out[f0 - w0 : f1 - w0]
 
     def block(self, k: int) -> torch.Tensor:
@@ -301,5 +294,4 @@ class StreamingAudioFeatures:
         self._forgotten = max(self._forgotten, frame)
         w0 = self.window(frame, frame + 1)[0]
         keep_from = enc.span_samples(math.floor(w0 * enc.sample_rate / self.fps / enc.hop), 0)[0]
-        drop = min(max(0, keep_from - self._base), len(self._buf))
-        self._buf, self._base = self._buf[drop:], self._base + drop
+        self.heard.drop_before(keep_from)

@@ -45,7 +45,8 @@ class DenoiserCore:
         """For each (session, audio) request: push the caller's audio (speech or silence) and denoise the
         session's next block, all sessions in one batch. Per request: the block and the total samples the
         block after it wants (one call per block: the relay sends exactly the difference), or the error of
-        that request alone (e.g. `SessionLost`)."""
+        that request alone (e.g. `SessionLost`). The block's `audio` is empty: the relay slices the block's
+        sound from what it pushed."""
         results: list = [None] * len(requests)
         ready: list[tuple[int, AvatarStream]] = []
         for i, (session_id, samples) in enumerate(requests):
@@ -58,6 +59,7 @@ class DenoiserCore:
         if ready:
             for (i, stream), block in zip(ready, next_latents_many([s for _, s in ready]), strict=True):
                 block.latents = block.latents.cpu()
+                block.audio = np.zeros(0, np.float32)  # the caller has the samples it pushed: none go back
                 results[i] = (block, stream.audio.samples_needed_for_block(block.index + 1))
         return results
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from livetalk_ray import metrics
+from livetalk_ray.audio_timeline import SampleBuffer, sample_at_frame
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.serving.protocol import encode_block, error_event
 from livetalk_ray.serving.sessions import SessionLost
@@ -373,7 +374,7 @@ class SessionDriver:
         needed = await self.denoiser.call(
             "open", s.session_id, s.image, s.prompt, s.seed, timeout=self.cfg.serve.open_timeout_s
         )
-        pushed = 0
+        pushed, heard = 0, SampleBuffer()  # this stream's pushed audio, on the Denoiser stream's own timeline
         self.pace_origin = time.monotonic() - self.frames_made / fps  # a re-primed stream does not race to catch up
         self._mark("primed_s")
         await self.denoiser.locate(timeout)
@@ -383,12 +384,14 @@ class SessionDriver:
                 await self._pace()
                 audio = self._take_audio(needed - pushed)
                 pushed = needed
+                heard.push(audio)
                 called, self.waiting_for = time.monotonic(), self.denoiser.name
                 block, needed = await self.denoiser.call("next_block", s.session_id, audio, timeout=timeout)
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
-                in_flight.append((block, asyncio.create_task(self._decode(block))))
+                sound = self._block_sound(heard, block)
+                in_flight.append((block, asyncio.create_task(self._decode(block)), sound))
                 # Publish the oldest block once `blocks_in_flight` are out. Block 0 always at once: the first frame
                 # is what a user waits for, and block 1 is not due until block 0 has played.
                 while in_flight and (len(in_flight) >= self.cfg.serve.blocks_in_flight or block.index == 0):
@@ -400,9 +403,18 @@ class SessionDriver:
                 await self._publish_block(*in_flight[0], fps)
                 in_flight.popleft()
         finally:  # no decode outlives its stream (a lost stage, a closed session): cancelled, and awaited
-            for _, task in in_flight:
+            for _, task, _ in in_flight:
                 task.cancel()
-            await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
+            await asyncio.gather(*(task for _, task, _ in in_flight), return_exceptions=True)
+
+    def _block_sound(self, heard: SampleBuffer, block) -> np.ndarray:
+        """The pushed audio under the block's frames (silence past it), for the client to play with them."""
+        rate, fps = self.cfg.audio.sample_rate, self.cfg.video.fps
+        s0 = sample_at_frame(block.first_frame, rate, fps)
+        s1 = sample_at_frame(block.first_frame + block.num_frames, rate, fps)
+        sound = heard.between(s0, s1)
+        heard.drop_before(s1)  # blocks come in order: earlier audio is never read again
+        return sound
 
     async def _pace(self) -> None:
         """Wait while the stream is more than lead_blocks ahead of the wall clock."""
@@ -416,7 +428,7 @@ class SessionDriver:
             except TimeoutError:
                 pass
 
-    async def _publish_block(self, block, frames: asyncio.Task, fps: int) -> None:
+    async def _publish_block(self, block, frames: asyncio.Task, sound: np.ndarray, fps: int) -> None:
         self.waiting_for = self.decoder.name
         jpegs = await frames
         self.waiting_for, self.last_published, self.failed_reprimes = "pacing", time.monotonic(), 0
@@ -432,7 +444,7 @@ class SessionDriver:
             self.first_frame_s = time.monotonic() - self.spec.created
             metrics.record(metrics.SERVE_FIRST_FRAME_SECONDS, self.first_frame_s)
             self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
-        self.publish(encode_block(header, jpegs, block.audio))
+        self.publish(encode_block(header, jpegs, sound))
         self.blocks_published += 1
         self.frames_published += len(jpegs)
         metrics.record(metrics.SERVE_BLOCKS)

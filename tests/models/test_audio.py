@@ -134,7 +134,7 @@ def test_incremental_push_equals_whole_wave_stream(enc):
     s0 = live.sample_index(live.block_frames(4)[0])
     assert np.array_equal(live.samples_between(s0, s0 + 100), wave[s0 : s0 + 100])
     assert not live.samples_between(len(wave) - 10, len(wave) + 10)[10:].any()  # silence past the end
-    assert len(live._buf) < 16000 * 3  # forgotten audio is really dropped
+    assert len(live.heard.samples) < 16000 * 3  # forgotten audio is really dropped
     expected = torch.cat([oneshot.block(k) for k in range(4)])
     assert torch.allclose(torch.cat(blocks), expected, atol=1e-5)
     with pytest.raises(ValueError, match="forget_before"):
