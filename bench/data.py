@@ -20,7 +20,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from livetalk_ray.config import load_config
+from livetalk_ray.config import LiveTalkConfig, load_config
 from livetalk_ray.data.pipeline import prepare
 from livetalk_ray.toyworld.clips import make_demo_dataset
 
@@ -34,12 +34,7 @@ def steady_clips_per_s(out: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips", type=int, default=48)
-    parser.add_argument("--encode-actors", type=int, default=2)
-    parser.add_argument("--decode-batch", type=int, default=1, help="clips per decode task")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/data.json"))
-    args = parser.parse_args()
+    args = parse_args()
     console = Console(width=120)
     cpus = os.cpu_count() or 2
     cfg = load_config(
@@ -69,7 +64,26 @@ def main() -> None:
         start = time.perf_counter()
         stats = prepare(cfg, work / "clips", out, local_threads=threads, progress=False)
         runs[f"one process, {threads} thread{'s' if threads > 1 else ''}"] = (time.perf_counter() - start, stats, out)
+    ray_init_s, runs["Ray Data"] = run_on_ray(cfg, work, cpus)
+    assert len({s["accepted"] for _, s, _ in runs.values()}) == 1
 
+    result = report(runs, args.clips, cpus, args.encode_actors, ray_init_s, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--encode-actors", type=int, default=2)
+    parser.add_argument("--decode-batch", type=int, default=1, help="clips per decode task")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/data.json"))
+    return parser.parse_args()
+
+
+def run_on_ray(cfg: LiveTalkConfig, work: Path, cpus: int) -> tuple[float, tuple[float, dict, Path]]:
+    """Prepare the clips through Ray Data on a local Ray: (ray.init seconds, (wall seconds, stats, output))."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
@@ -78,25 +92,35 @@ def main() -> None:
     ray_init_s = time.perf_counter() - start
     start = time.perf_counter()
     stats = prepare(cfg, work / "clips", work / "ray", progress=False)
-    runs["Ray Data"] = (time.perf_counter() - start, stats, work / "ray")
+    run = (time.perf_counter() - start, stats, work / "ray")
     ray.shutdown()
-    assert len({s["accepted"] for _, s, _ in runs.values()}) == 1
+    return ray_init_s, run
 
+
+def report(
+    runs: dict[str, tuple[float, dict, Path]],
+    clips: int,
+    cpus: int,
+    encode_actors: int,
+    ray_init_s: float,
+    console: Console,
+) -> dict:
+    """Print the table and the speed-ups of Ray Data over each one-process run; returns them as the result."""
     result = {
-        "clips": args.clips,
+        "clips": clips,
         "cpus": cpus,
-        "encode_actors": args.encode_actors,
+        "encode_actors": encode_actors,
         "ray_init_s": ray_init_s,
-        "accepted": stats["accepted"],
+        "accepted": runs["Ray Data"][1]["accepted"],
         "runs": {},
     }
-    table = Table(title=f"{args.clips} toy clips, {cpus} CPUs")
+    table = Table(title=f"{clips} toy clips, {cpus} CPUs")
     for col in ("pipeline", "wall s", "clips/s", "steady clips/s", "decode+curate s/clip", "encode s/clip"):
         table.add_column(col, justify="right")
     for name, (seconds, s, out) in runs.items():
         entry = {
             "seconds": seconds,
-            "clips_per_s": args.clips / seconds,
+            "clips_per_s": clips / seconds,
             "steady_clips_per_s": steady_clips_per_s(out),
             "stage_seconds": s["stage_seconds"],
         }
@@ -106,8 +130,8 @@ def main() -> None:
             f"{seconds:.1f}",
             f"{entry['clips_per_s']:.2f}",
             f"{entry['steady_clips_per_s']:.2f}",
-            f"{s['stage_seconds'].get('decode_curate', 0) / args.clips:.3f}",
-            f"{s['stage_seconds'].get('encode', 0) / args.clips:.3f}",
+            f"{s['stage_seconds'].get('decode_curate', 0) / clips:.3f}",
+            f"{s['stage_seconds'].get('encode', 0) / clips:.3f}",
         )
     console.print(table)
     ray_run = result["runs"]["Ray Data"]
@@ -120,9 +144,7 @@ def main() -> None:
                 f"{result[f'steady_speedup_over[{name}]']:.2f}x in steady state (goal 1.7x)"
             )
     console.print(f"ray.init took {ray_init_s:.1f} s (not counted)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

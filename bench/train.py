@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from livetalk_ray.config import load_config
+from livetalk_ray.config import LiveTalkConfig, load_config
 from livetalk_ray.data.synthetic import write_random_shards
 from livetalk_ray.models.checkpoint import save_checkpoint
 from livetalk_ray.models.dit import WanDiT
@@ -94,17 +94,8 @@ def score_run(run_dir: Path, bar: float, vae: str | None) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch", type=int, default=4, help="clips per worker per step")
-    parser.add_argument("--quality-run", type=Path, default=None)
-    parser.add_argument("--bar", type=float, default=0.5, help="held-out lip-sync the teacher must reach")
-    parser.add_argument("--vae", default=None, help="decode with this VAE instead of the run's")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
-    args = parser.parse_args()
+    args = parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    import ray
-
     console = Console(width=120)
     work = Path(tempfile.mkdtemp(prefix="livetalk-bench-train-"))
     overrides = [
@@ -121,34 +112,9 @@ def main() -> None:
     ode_cfg.train.ode.teacher_checkpoint = str(teacher_dir)
     generate_trajectories(ode_cfg, shards, work / "traj", use_ray=False, progress=False)
 
-    rows = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        for stage, stage_cfg, data in (("teacher", cfg, shards), ("ode", ode_cfg, work / "traj")):
-            for workers in (1, 2):
-                run_cfg = stage_cfg.model_copy(deep=True)
-                run_cfg.train.workers = workers
-                start = time.perf_counter()
-                run_stage(stage, run_cfg, data, work / f"{stage}-{workers}", args.steps)
-                rate = samples_per_s(work / f"{stage}-{workers}")
-                rows.append(
-                    {"stage": stage, "workers": workers, "samples_per_s": rate, "wall_s": time.perf_counter() - start}
-                )
-    finally:
-        ray.shutdown()
-    speedups = {
-        stage: next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 2)
-        / next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 1)
-        for stage in ("teacher", "ode")
-    }
-    table = Table(title=f"Ray Train throughput, toy preset, {args.batch} clips/worker/step, {args.steps} steps")
-    for col in ("stage", "workers", "samples/s (median)", "wall s (incl. start-up)"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["stage"], str(r["workers"]), f"{r['samples_per_s']:.1f}", f"{r['wall_s']:.0f}")
-    console.print(table)
-    for stage, x in speedups.items():
-        console.print(f"{stage}: 2 workers ÷ 1 worker = {x:.2f}x")
+    runs = (("teacher", cfg, shards), ("ode", ode_cfg, work / "traj"))
+    rows = measure_throughput(runs, work, args.steps)
+    speedups = print_throughput(rows, args.batch, args.steps, console)
     result = {
         "cpus": os.cpu_count(),
         "steps": args.steps,
@@ -159,24 +125,79 @@ def main() -> None:
     if args.quality_run:
         quality = score_run(args.quality_run, args.bar, args.vae)
         result["teacher_quality"] = quality
-        console.print(
-            f"held-out lip-sync ({quality['eval_clips']} clips): "
-            f"best teacher checkpoint {quality['best']['lipsync']:.3f} "
-            f"(step {quality['best']['step']}), untrained {quality['untrained_teacher']:.3f}, "
-            f"ground truth through the VAE {quality['vae_reconstruction']:.3f}"
-        )
-        reached = quality["train_seconds_to_bar"]
-        console.print(
-            f"quality bar {args.bar}: "
-            + (
-                f"reached at step {quality['reached_at_step']} after {reached:.0f} s of optimizer time"
-                if reached
-                else "not reached"
-            )
-        )
+        print_quality(quality, args.bar, console)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"→ {args.out}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4, help="clips per worker per step")
+    parser.add_argument("--quality-run", type=Path, default=None)
+    parser.add_argument("--bar", type=float, default=0.5, help="held-out lip-sync the teacher must reach")
+    parser.add_argument("--vae", default=None, help="decode with this VAE instead of the run's")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/train.json"))
+    return parser.parse_args()
+
+
+def measure_throughput(runs: tuple[tuple[str, LiveTalkConfig, Path], ...], work: Path, steps: int) -> list[dict]:
+    """Train every (stage, config, data) for `steps` steps on a local Ray with 1 and then 2 workers."""
+    import ray
+
+    rows = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        for stage, stage_cfg, data in runs:
+            for workers in (1, 2):
+                run_cfg = stage_cfg.model_copy(deep=True)
+                run_cfg.train.workers = workers
+                start = time.perf_counter()
+                run_stage(stage, run_cfg, data, work / f"{stage}-{workers}", steps)
+                rate = samples_per_s(work / f"{stage}-{workers}")
+                rows.append(
+                    {"stage": stage, "workers": workers, "samples_per_s": rate, "wall_s": time.perf_counter() - start}
+                )
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def print_throughput(rows: list[dict], batch: int, steps: int, console: Console) -> dict[str, float]:
+    """Print the throughput table and each stage's 2-worker speed-up; returns the speed-ups."""
+    speedups = {
+        stage: next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 2)
+        / next(r["samples_per_s"] for r in rows if r["stage"] == stage and r["workers"] == 1)
+        for stage in ("teacher", "ode")
+    }
+    table = Table(title=f"Ray Train throughput, toy preset, {batch} clips/worker/step, {steps} steps")
+    for col in ("stage", "workers", "samples/s (median)", "wall s (incl. start-up)"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["stage"], str(r["workers"]), f"{r['samples_per_s']:.1f}", f"{r['wall_s']:.0f}")
+    console.print(table)
+    for stage, x in speedups.items():
+        console.print(f"{stage}: 2 workers ÷ 1 worker = {x:.2f}x")
+    return speedups
+
+
+def print_quality(quality: dict, bar: float, console: Console) -> None:
+    console.print(
+        f"held-out lip-sync ({quality['eval_clips']} clips): "
+        f"best teacher checkpoint {quality['best']['lipsync']:.3f} "
+        f"(step {quality['best']['step']}), untrained {quality['untrained_teacher']:.3f}, "
+        f"ground truth through the VAE {quality['vae_reconstruction']:.3f}"
+    )
+    reached = quality["train_seconds_to_bar"]
+    console.print(
+        f"quality bar {bar}: "
+        + (
+            f"reached at step {quality['reached_at_step']} after {reached:.0f} s of optimizer time"
+            if reached
+            else "not reached"
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """WanDiT: LiveTalk's audio-conditioned Wan diffusion transformer, bidirectional or block-causal.
 
 One readable file: embeddings, attention, block, head, then the two forward paths — the masked
-full-sequence forward (training, teacher, critic) and the cached block-by-block forward (streaming).
+full-sequence forward (training, teacher, critic) and the cached block-by-block forward (streaming); how
+several streams' caches share one batch lives beside the KV cache, in `stream_batch`.
 Parameter names are the original Wan layout of LiveTalk's released `model.safetensors`; the module holds
 no persistent buffers, so `state_dict()` is exactly the released tensors.
 
@@ -14,7 +15,7 @@ The output is the flow prediction v = noise - x0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch import nn
 
 from livetalk_ray.config import DiTConfig
 from livetalk_ray.models.kv_cache import CacheView, KVCache
+from livetalk_ray.models.stream_batch import CachedWindow, batch_window, merge_text_kvs
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -99,16 +101,6 @@ def group_audio_frames(features: torch.Tensor, frames_per_latent: int = 4) -> to
     return padded.unflatten(1, (-1, frames_per_latent))
 
 
-def _rows(per_stream: list[tuple[torch.Tensor, ...]], item: int, rows: list[slice], length: int) -> torch.Tensor:
-    """Stack item `item` [N_i, D] of each stream once per batch row it owns, zero-padded to `length` rows."""
-    parts = []
-    for tensors, owned in zip(per_stream, rows, strict=True):
-        t = tensors[item]
-        t = F.pad(t, (0, 0, 0, max(length - t.shape[0], 0)))
-        parts.append(t[None].expand(owned.stop - owned.start, -1, -1))
-    return torch.cat(parts)
-
-
 TextKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # keys, values [B, heads, L, hd]; logit bias
 
 
@@ -147,43 +139,6 @@ def time_shift_rope(head_dim: int, theta: float, frames: int, device) -> Rope:
     inv = 1.0 / theta ** (torch.arange(0, t_dim, 2, dtype=torch.float64) / t_dim)
     angles = torch.cat([frames * inv, torch.zeros(head_dim // 2 - t_dim // 2, dtype=torch.float64)])[None]
     return _unit_rotations(angles, device)
-
-
-@dataclass
-class CachedWindow:
-    """What the cached forward of a batch of streams hands every layer: each stream's cache and view, the
-    batch rows it owns, and the padding mask of the window its queries read.
-
-    Streams may sit at different points (block index, window fill): windows shorter than the longest are
-    zero-padded and masked, so one batch serves any mix of sessions."""
-
-    caches: list[KVCache]
-    views: list[CacheView]
-    rows: list[slice]
-    window_tokens: int  # N: the longest window of earlier frames
-    mask: torch.Tensor | None  # [B, 1, 1, N + S] True where a key exists; None when no row is padded
-
-    def exchange(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this block's rotated keys and values [B, heads, S, head_dim] into each stream's slots;
-        return the keys and values [B, heads, N + S, head_dim] the block attends to."""
-        for cache, view, rows in zip(self.caches, self.views, self.rows, strict=True):
-            k_cache, v_cache = cache.k[layer], cache.v[layer]
-            end = view.write_start + k.shape[2]
-            k_cache[:, :, view.write_start : end] = k[rows].detach().to(k_cache.dtype)
-            v_cache[:, :, view.write_start : end] = v[rows].detach().to(v_cache.dtype)
-        if len(self.caches) == 1 and not (k.requires_grad or v.requires_grad):
-            # Nothing to differentiate: the filled prefix of the cache is the whole window, this block included
-            # (attention does not care about key order), read as a slice without a copy.
-            cache, n = self.caches[0], self.views[0].filled_tokens
-            return cache.k[layer][:, :, :n].to(k.dtype), cache.v[layer][:, :, :n].to(v.dtype)
-        pasts_k, pasts_v = [], []
-        for cache, view in zip(self.caches, self.views, strict=True):
-            pad = (0, 0, 0, self.window_tokens - len(view.read_tokens))
-            pasts_k.append(F.pad(cache.k[layer][:, :, view.read_tokens], pad))
-            pasts_v.append(F.pad(cache.v[layer][:, :, view.read_tokens], pad))
-        # the block's own keys stay live (they carry the gradient of a training rollout)
-        k = torch.cat([torch.cat(pasts_k).to(k.dtype), k], dim=2)
-        return k, torch.cat([torch.cat(pasts_v).to(v.dtype), v], dim=2)
 
 
 class SelfAttention(nn.Module):
@@ -417,17 +372,8 @@ class WanDiT(nn.Module):
             q_ropes.append(rope_table(head_dim, self.cfg.rope_theta, view.query_positions, h, w, x.device))
         if start != x.shape[0]:
             raise ValueError(f"the caches hold {start} rows but the batch has {x.shape[0]}")
-        text_kvs, mask = self._merge_text(caches), None
-        n = max(len(view.read_tokens) for view in views)
-        if len(caches) == 1:
-            q_rope = q_ropes[0]
-        else:  # per-row rotations; shorter windows are zero-padded at the end and masked out
-            q_rope = _rows([(r,) for r in q_ropes], 0, rows, 0)
-            if any(len(view.read_tokens) < n for view in views):
-                keys = torch.arange(n + f * h * w, device=x.device)
-                valid = [((keys < len(view.read_tokens)) | (keys >= n))[:, None] for view in views]
-                mask = _rows([(v,) for v in valid], 0, rows, 0)[:, :, 0][:, None, None]
-        window = CachedWindow(caches, views, rows, n, mask)
+        text_kvs = merge_text_kvs(caches)
+        q_rope, window = batch_window(caches, views, rows, q_ropes, f * h * w)
         tokens = self._run_blocks(tokens, t_mod, text_kvs, audio_per_layer, q_rope, None, window)
         return self._unpatchify(self.head(tokens, t_emb), grid)
 
@@ -439,26 +385,6 @@ class WanDiT(nn.Module):
         for k in cache.k:
             ring = k[:, :, view.ring_start :]
             ring.copy_(apply_rope(ring, rope))
-
-    @staticmethod
-    def _merge_text(caches: list[KVCache]) -> list[TextKV]:
-        """Per layer, the text K/V of every stream stacked in batch order (one stream: its own, no copy);
-        prompts of different kept lengths are zero-padded and their padding masked out by the bias."""
-        if len(caches) == 1:
-            return caches[0].cross
-        n = max(c.cross[0][0].shape[2] for c in caches)
-        merged = []
-        for layer in range(len(caches[0].cross)):
-            ks, vs, biases = [], [], []
-            for cache in caches:
-                k, v, bias = cache.cross[layer]
-                missing = n - k.shape[2]
-                ks.append(F.pad(k, (0, 0, 0, missing)))
-                vs.append(F.pad(v, (0, 0, 0, missing)))
-                bias = k.new_zeros(k.shape[0], 1, 1, k.shape[2], dtype=torch.float32) if bias is None else bias
-                biases.append(F.pad(bias, (0, missing), value=float("-inf")))
-            merged.append((torch.cat(ks), torch.cat(vs), torch.cat(biases)))
-        return merged
 
     def new_cache(
         self,

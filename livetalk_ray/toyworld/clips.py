@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 
 from livetalk_ray.media import Mp4Writer
 from livetalk_ray.toyworld.render import (
+    HeadMotion,
     Identity,
     face_centre_px,
     render_frames,
@@ -161,61 +162,17 @@ def write_clip(
     motion = sample_motion(seed, num_frames, video_fps)
     frames = render_frames(ident, openness, motion, height=height, width=width)
 
-    if corruption == "black_frames":
-        frames = np.zeros_like(frames)
-    elif corruption == "heavy_blur":
-        frames = _blur(frames)
-    audio = np.zeros_like(wave) if corruption == "silence" else wave
-
     paths = {k: out / f"{clip_id}{ext}" for k, ext in [("video", ".mp4"), ("ref", ".png"), ("caption", ".json")]}
-    truth_path = out / f"{clip_id}.truth.npz"
-    writer = Mp4Writer(paths["video"], video_fps, width, height, sample_rate, reproducible=True)
-    writer.write(frames, audio)
-    writer.close()
-    if corruption == "truncated":
-        data = paths["video"].read_bytes()
-        paths["video"].write_bytes(data[: len(data) // 2])
-    elif corruption == "zero_bytes":
-        paths["video"].write_bytes(b"")
-    elif corruption == "not_a_video":
-        paths["video"].write_text("This is not a video. It is a text file with an .mp4 name.\n")
-
+    _write_video(paths["video"], frames, wave, video_fps, sample_rate, corruption)
     Image.fromarray(render_reference(ident, height * ref_scale, width * ref_scale)).save(paths["ref"])
     caption = caption_for(motion.energy)
-    if corruption == "missing_caption":
-        paths["caption"].unlink(missing_ok=True)
-    else:
-        doc = {"caption": caption, "identity": ident.to_dict()}
-        paths["caption"].write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-    _save_npz(
-        truth_path,
-        {
-            "mouth_openness": openness.astype(np.float32),
-            "envelope": envelope.astype(np.float32),
-            "eyes_open": motion.eyes_open,
-            "blink": ~motion.eyes_open,
-            "head_centre_px": face_centre_px(motion, height, width),
-            "head_scale": motion.scale,
-            "head_tilt_deg": motion.tilt,
-            "motion_energy": np.float32(motion.energy),
-            "fps": np.int64(video_fps),
-            "sample_rate": np.int64(sample_rate),
-            "seed": np.int64(seed),
-            "identity_seed": np.int64(identity_seed),
-            "lag_frames": np.int64(lag_frames),
-            "identity_json": np.str_(json.dumps(ident.to_dict(), sort_keys=True)),
-            "caption": np.str_(caption),
-            "corruption": np.str_(corruption or ""),
-            "speech_engine": np.str_(engine),
-        },
-    )
-    return ClipInfo(
+    _write_caption(paths["caption"], caption, ident, corruption)
+    info = ClipInfo(
         clip_id=clip_id,
         video=paths["video"],
         ref_image=paths["ref"],
         caption=paths["caption"],
-        truth=truth_path,
+        truth=out / f"{clip_id}.truth.npz",
         seed=seed,
         identity_seed=identity_seed,
         seconds=seconds,
@@ -225,6 +182,72 @@ def write_clip(
         speech_engine=engine,
         corruption=corruption,
     )
+    _save_npz(
+        info.truth, _truth_arrays(info, ident, motion, openness, envelope, (height, width), sample_rate, lag_frames)
+    )
+    return info
+
+
+def _write_video(
+    path: Path, frames: np.ndarray, wave: np.ndarray, fps: int, sample_rate: int, corruption: str | None
+) -> None:
+    """Write the mp4, broken in the way `corruption` names if it is one that concerns the video or its audio."""
+    if corruption == "black_frames":
+        frames = np.zeros_like(frames)
+    elif corruption == "heavy_blur":
+        frames = _blur(frames)
+    audio = np.zeros_like(wave) if corruption == "silence" else wave
+    height, width = frames.shape[1:3]
+    writer = Mp4Writer(path, fps, width, height, sample_rate, reproducible=True)
+    writer.write(frames, audio)
+    writer.close()
+    if corruption == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif corruption == "zero_bytes":
+        path.write_bytes(b"")
+    elif corruption == "not_a_video":
+        path.write_text("This is not a video. It is a text file with an .mp4 name.\n")
+
+
+def _write_caption(path: Path, caption: str, ident: Identity, corruption: str | None) -> None:
+    if corruption == "missing_caption":
+        path.unlink(missing_ok=True)
+    else:
+        doc = {"caption": caption, "identity": ident.to_dict()}
+        path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def _truth_arrays(
+    info: ClipInfo,
+    ident: Identity,
+    motion: HeadMotion,
+    openness: np.ndarray,
+    envelope: np.ndarray,
+    size: tuple[int, int],
+    sample_rate: int,
+    lag_frames: int,
+) -> dict[str, np.ndarray]:
+    """The ground-truth sidecar's arrays (what `load_truth` reads back), in the order they are written."""
+    return {
+        "mouth_openness": openness.astype(np.float32),
+        "envelope": envelope.astype(np.float32),
+        "eyes_open": motion.eyes_open,
+        "blink": ~motion.eyes_open,
+        "head_centre_px": face_centre_px(motion, *size),
+        "head_scale": motion.scale,
+        "head_tilt_deg": motion.tilt,
+        "motion_energy": np.float32(motion.energy),
+        "fps": np.int64(info.fps),
+        "sample_rate": np.int64(sample_rate),
+        "seed": np.int64(info.seed),
+        "identity_seed": np.int64(info.identity_seed),
+        "lag_frames": np.int64(lag_frames),
+        "identity_json": np.str_(json.dumps(ident.to_dict(), sort_keys=True)),
+        "caption": np.str_(info.caption_text),
+        "corruption": np.str_(info.corruption or ""),
+        "speech_engine": np.str_(info.speech_engine),
+    }
 
 
 def _derive(seed: int, *keys: int) -> int:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ from livetalk_ray.config import LiveTalkConfig, PlateauConfig, resolve_device, r
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.train.cursor import DataCursor
 from livetalk_ray.train.engine import TrainEngine, latest_checkpoint
+
+if TYPE_CHECKING:
+    from livetalk_ray.train.report import Reporter
 
 STAGE_MODULES = {"teacher": "livetalk_ray.train.teacher", "ode": "livetalk_ray.train.ode"}
 
@@ -140,43 +144,21 @@ def train_loop(config: dict) -> None:
     cfg = LiveTalkConfig.model_validate(config["cfg"])
     stage = load_stage(config["stage"])
     run_dir, max_steps = Path(config["run_dir"]), int(config["max_steps"])
-    device = resolve_device(cfg.runtime)
-    dtype = resolve_dtype(cfg.runtime, device)
-    if cfg.train.engine.backend == "deepspeed":
-        from livetalk_ray.train.engine import init_distributed_for_deepspeed
-
-        init_distributed_for_deepspeed()  # before the cursor asks for rank and world size
-    rank, world = _rank_world()
-    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
-    model = stage.build_model(cfg, device, dtype).train()
-    engine = TrainEngine(model, cfg)
-    torch.manual_seed(cfg.runtime.seed + 1 + rank)  # this rank's noise, timesteps, dropout (saved per rank)
-    micro = cfg.train.engine.micro_batch_per_worker
-    files = stage.shard_files(config["data"], cfg)
-    cursor = DataCursor(files, stage.columns(cfg), micro, rank=rank, world=world, seed=cfg.runtime.seed)
+    model, engine, cursor, rank, world = _build_worker(cfg, stage, config["data"])
     log = MetricsLog(run_dir, enabled=rank == 0)
-    plateau = Plateau(cfg.train.plateau)
-    train_seconds = 0.0  # optimizer-step time only: checkpoints and reports stay out, resumes add up
-    if (last := latest_checkpoint(run_dir)) is not None:
-        state = engine.load(last)
-        cursor.load_state_dict(state["cursor"])
-        plateau = Plateau(cfg.train.plateau, state["plateau"])
-        train_seconds = state["train_seconds"]
-        log.truncate(engine.step)
+    # train_seconds is optimizer-step time only: checkpoints and reports stay out, resumes add up
+    plateau, train_seconds = _resume(cfg, run_dir, engine, cursor, log)
     reporter = None
     if rank == 0:
         from livetalk_ray.train.report import Reporter
 
         reporter = Reporter(cfg, stage, run_dir, config["data"])
-    accum, loss_sum, tick = cfg.train.engine.grad_accum_steps, 0.0, time.perf_counter()
+    micro, accum = cfg.train.engine.micro_batch_per_worker, cfg.train.engine.grad_accum_steps
+    loss_sum, tick = 0.0, time.perf_counter()
     while engine.step < max_steps and not plateau.stop:
         loss = stage.loss(engine.module, cursor.next_batch(), cfg)
         stepped = engine.backward_step(loss)
-        value = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        loss_sum += float(value)
+        loss_sum += _mean_over_workers(loss, world)
         if not stepped:
             continue
         step, now = engine.step, time.perf_counter()
@@ -208,12 +190,61 @@ def train_loop(config: dict) -> None:
                 reporter.report(model, directory, log.read(), plateau)
         loss_sum, tick = 0.0, time.perf_counter()  # checkpoint and report time stays out of samples/s
     if rank == 0:
-        summary = {
-            "stage": stage.name,
-            "step": engine.step,
-            "checkpoint": str(latest_checkpoint(run_dir)),
-            "converged_at": plateau.converged_at,
-            "workers": world,
-            **(reporter.latest if reporter else {}),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(run_dir, stage, engine, plateau, world, reporter)
+
+
+def _build_worker(
+    cfg: LiveTalkConfig, stage: Stage, data: str | Path
+) -> tuple[WanDiT, TrainEngine, DataCursor, int, int]:
+    """This worker's model, engine and data cursor, and its rank and the world size."""
+    device = resolve_device(cfg.runtime)
+    dtype = resolve_dtype(cfg.runtime, device)
+    if cfg.train.engine.backend == "deepspeed":
+        from livetalk_ray.train.engine import init_distributed_for_deepspeed
+
+        init_distributed_for_deepspeed()  # before the cursor asks for rank and world size
+    rank, world = _rank_world()
+    torch.manual_seed(cfg.runtime.seed)  # identical initial weights on every rank
+    model = stage.build_model(cfg, device, dtype).train()
+    engine = TrainEngine(model, cfg)
+    torch.manual_seed(cfg.runtime.seed + 1 + rank)  # this rank's noise, timesteps, dropout (saved per rank)
+    micro = cfg.train.engine.micro_batch_per_worker
+    files = stage.shard_files(data, cfg)
+    cursor = DataCursor(files, stage.columns(cfg), micro, rank=rank, world=world, seed=cfg.runtime.seed)
+    return model, engine, cursor, rank, world
+
+
+def _resume(
+    cfg: LiveTalkConfig, run_dir: Path, engine: TrainEngine, cursor: DataCursor, log: MetricsLog
+) -> tuple[Plateau, float]:
+    """Load the newest checkpoint in run_dir, if any, into the engine and the cursor and drop the metrics
+    past it; returns the plateau detector and the training seconds to continue from."""
+    if (last := latest_checkpoint(run_dir)) is None:
+        return Plateau(cfg.train.plateau), 0.0
+    state = engine.load(last)
+    cursor.load_state_dict(state["cursor"])
+    plateau = Plateau(cfg.train.plateau, state["plateau"])
+    log.truncate(engine.step)
+    return plateau, state["train_seconds"]
+
+
+def _mean_over_workers(loss: torch.Tensor, world: int) -> float:
+    value = loss.detach().float()
+    if world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return float(value)
+
+
+def _write_summary(
+    run_dir: Path, stage: Stage, engine: TrainEngine, plateau: Plateau, world: int, reporter: Reporter | None
+) -> None:
+    summary = {
+        "stage": stage.name,
+        "step": engine.step,
+        "checkpoint": str(latest_checkpoint(run_dir)),
+        "converged_at": plateau.converged_at,
+        "workers": world,
+        **(reporter.latest if reporter else {}),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
