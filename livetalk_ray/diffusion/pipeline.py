@@ -104,7 +104,8 @@ class AvatarStream:
         return feats.view(1, -1, r, feats.shape[-1]).to(self.pipe.device, self.pipe.dtype)
 
     def next_latents(self) -> LatentBlock:
-        """Denoise the next block (its audio window must have arrived, see `ready`)."""
+        """Denoise the next block. Audio not pushed yet counts as silence; `self.audio.ready(k)` says when more
+        audio would no longer change block k."""
         return next_latents_many([self])[0]
 
     def _finish_block(self, latents: torch.Tensor, timings: dict[str, float]) -> LatentBlock:

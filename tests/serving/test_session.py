@@ -14,7 +14,8 @@ from PIL import Image
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.protocol import decode_block
-from livetalk_ray.serving.session import SessionDriver, SessionSpec, Stage
+from livetalk_ray.serving.session import SessionDriver, SessionSpec
+from livetalk_ray.serving.stage import Stage
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
 
