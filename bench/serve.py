@@ -1,7 +1,7 @@
 """Serving benchmark, side by side in one run, toy preset with the shipped weights, unpaced streams (the
 pacing that keeps a live stream at real time is switched off: this measures capacity).
 
-    .venv/bin/python bench/serve.py [--blocks 24] [--rounds 3] [--out bench/results/serve.json]
+    .venv/bin/python bench/serve.py [--blocks 24] [--rounds 3] [--set vae.decoder=tiny] [--out bench/results/serve.json]
 
 - in-process: one AvatarStream, denoise and decode one after the other in this process;
 - through Serve: POST a session, read its WebSocket; blocks 2..N give the FPS, the first block the TTFF
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve.json")
+    parser.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
     args = parser.parse_args()
 
     import ray
@@ -169,7 +170,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ORIGIN = f"http://127.0.0.1:{port}"
-    unpaced = ["serve.lead_blocks=100000"]
+    unpaced = ["serve.lead_blocks=100000", *args.set]  # e.g. --set vae.decoder=tiny
     cfg = load_config("toy", overrides=unpaced)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -221,7 +222,7 @@ def main() -> None:
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"median": {"in_process": local, "serve_1": one, "serve_sequential": seq, "serve_4": four}}
-    result.update(ratios=ratios, met=met, runs=runs, blocks=args.blocks, rounds=args.rounds)
+    result.update(ratios=ratios, met=met, runs=runs, blocks=args.blocks, rounds=args.rounds, overrides=args.set)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from livetalk_ray.config import LiveTalkConfig
 
-STAGES = ["clips", "vae", "shards", "teacher", "trajectories", "ode", "dmd", "export", "eval"]
+STAGES = ["clips", "vae", "tiny_decoder", "shards", "teacher", "trajectories", "ode", "dmd", "export", "eval"]
 
 
 def _latest(run_dir: Path) -> str:
@@ -40,6 +40,7 @@ def run_pipeline(cfg: LiveTalkConfig, out: str | Path, console: Console, progres
 
     stage("clips", lambda: _make_clips(cfg, out, progress))
     vae_path = stage("vae", lambda: _train_vae(cfg, out))["vae_path"]
+    stage("tiny_decoder", lambda: _train_tiny_decoder(cfg, out, vae_path))
     base = _config_with(cfg, vae__path=vae_path, train__eval_data=str(out / "shards_eval"))
     stage("shards", lambda: _prepare_shards(base, out, progress))
     teacher_ckpt = stage("teacher", lambda: _train_teacher(cfg, out, vae_path))["checkpoint"]
@@ -94,6 +95,15 @@ def _train_vae(cfg: LiveTalkConfig, out: Path) -> dict:
     vae_cfg = _config_with(cfg, train__max_steps=steps)  # the cosine LR schedule spans the stage
     result = train_vae(vae_cfg, out / "clips_train", out / "vae", steps, resume=True)
     return {"vae_path": result["vae_path"], **{k: v for k, v in result["history"][-1].items() if k != "step"}}
+
+
+def _train_tiny_decoder(cfg: LiveTalkConfig, out: Path, vae_path: str) -> dict:
+    from livetalk_ray.train.tiny_decoder import WEIGHTS, train_tiny_decoder
+
+    steps = cfg.pipeline.tiny_decoder_train_steps
+    tiny_cfg = _config_with(cfg, vae__path=vae_path, train__max_steps=steps)
+    summary = train_tiny_decoder(tiny_cfg, out / "clips_train", out / "tiny_decoder", steps, resume=True)
+    return {**summary, "path": str(Path(summary["checkpoint"]) / WEIGHTS)}
 
 
 def _prepare_shards(base: LiveTalkConfig, out: Path, progress: bool) -> dict:

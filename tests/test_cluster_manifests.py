@@ -306,6 +306,8 @@ def stage_demand(stage: str, options: dict, cfg: LiveTalkConfig) -> list[dict[st
         "ode_generate": each(actors, t.ode.cpus_per_actor, t.ode.gpus_per_actor),
         "ode": each(workers, t.cpus_per_worker, t.gpus_per_worker),
         "dmd": dmd_bundles(),
+        # The distillation set is decoded by one task with a worker's resources, then the Ray Train workers start.
+        "tiny_decoder": each(workers, t.cpus_per_worker, t.gpus_per_worker),
     }[stage]
 
 

@@ -16,6 +16,9 @@ TINY = [
     "pipeline.train_clips=6",
     "pipeline.heldout_clips=3",
     "pipeline.vae_train_steps=2",
+    "pipeline.tiny_decoder_train_steps=2",
+    "vae.tiny.widths=[8,8,8,8]",
+    "train.tiny_decoder.psnr_clips=2",
     "pipeline.teacher_train_steps=2",
     "pipeline.ode_train_steps=2",
     "pipeline.dmd_train_steps=3",
@@ -57,6 +60,7 @@ def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
     dest = tmp_path / "assets" / "toy"
     manifest = install_from_pipeline(tmp_path / "p", dest)
     shipped = {"model.safetensors", "config.yaml", "vae/config.json", "teacher/model.safetensors", "ode/config.yaml"}
+    shipped.add("tiny_decoder.safetensors")  # distilled from that VAE: `vae.decoder=tiny` with the shipped weights
     assert shipped <= set(manifest["sha256"])
     assert [r["model"] for r in manifest["eval_long"]["rows"]][2:] == [
         "teacher",

@@ -16,6 +16,7 @@ from pathlib import Path
 from livetalk_ray.config import LiveTalkConfig, load_config
 
 TOY_DIR = Path(__file__).parent / "toy"
+TINY_DECODER_FILE = "tiny_decoder.safetensors"  # beside the toy VAE, in TAEHV's layout
 
 
 def toy_weights_available() -> bool:
@@ -33,6 +34,9 @@ def with_embedded_weights(cfg: LiveTalkConfig, checkpoint: Path | None) -> tuple
     if cfg.vae.path is None:
         cfg = cfg.model_copy(deep=True)
         cfg.vae.path = str(TOY_DIR / "vae")
+    if cfg.vae.tiny.path is None and (TOY_DIR / TINY_DECODER_FILE).is_file():
+        cfg = cfg.model_copy(deep=True)
+        cfg.vae.tiny.path = str(TOY_DIR / TINY_DECODER_FILE)  # distilled from that VAE's decoder
     return cfg, TOY_DIR
 
 
@@ -60,9 +64,11 @@ def install_toy_weights(
     dest: Path = TOY_DIR,
     teacher: str | Path | None = None,
     ode: str | Path | None = None,
+    tiny_decoder: str | Path | None = None,
 ) -> dict:
     """Copy a student export, its VAE and (optionally) the teacher and ODE student it came from into `dest`
-    (`teacher/`, `ode/`), with a manifest (provenance, eval table, sha256 of every file)."""
+    (`teacher/`, `ode/`) and the tiny decoder distilled from that VAE, with a manifest (provenance, eval table,
+    sha256 of every file)."""
     sources = {".": Path(student), **{name: Path(p) for name, p in (("teacher", teacher), ("ode", ode)) if p}}
     for path in [
         *(d / f for d in sources.values() for f in ("model.safetensors", "config.yaml")),
@@ -77,6 +83,8 @@ def install_toy_weights(
     for name, source in sources.items():
         _copy_checkpoint(source, staging / name)
     shutil.copytree(vae, staging / "vae")
+    if tiny_decoder is not None:
+        shutil.copy2(tiny_decoder, staging / TINY_DECODER_FILE)
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     manifest = {
         **provenance,
@@ -111,6 +119,7 @@ def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dic
         dest,
         teacher=mark["teacher"]["checkpoint"],
         ode=mark["ode"]["checkpoint"],
+        tiny_decoder=mark["tiny_decoder"]["path"] if "tiny_decoder" in mark else None,
     )
 
 

@@ -246,6 +246,56 @@ def train_dmd(
     )
 
 
+@train_app.command("tiny-decoder")
+@friendly_errors
+def train_tiny_decoder_command(
+    data: Annotated[Path, typer.Option("--data", help="prepared shards (their latents) or a directory of clips")],
+    out: OutOpt,
+    vae: Annotated[Path | None, typer.Option("--vae", help="the full VAE to distil (default vae.path)")] = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    workers: WorkersOpt = None,
+    address: AddressOpt = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Distil the tiny streaming decoder from the full VAE decoder (and the clips' frames) on Ray Train."""
+    from livetalk_ray.train.launch import StageInterrupted
+    from livetalk_ray.train.tiny_decoder import WEIGHTS, train_tiny_decoder
+
+    cfg = resolve_config(preset, config, set_)
+    _apply(cfg, workers, None)
+    if vae is not None:
+        cfg.vae.path = str(vae)
+    stop = cfg.train.max_steps if max_steps is None else max_steps
+    with ray_session(address), step_progress("tiny decoder", "{task.fields[what]}") as bar:
+        task = bar.add_task("full decodes", total=None, what="building the distillation set")
+
+        def prepared(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        def show(record: dict) -> None:
+            bar.update(
+                task, description="steps", completed=record["step"], total=stop, what=f"loss {record['loss']:.4f}"
+            )
+
+        try:
+            summary = train_tiny_decoder(cfg, data, out, stop, resume=resume, on_prepare=prepared, on_progress=show)
+        except StageInterrupted as exc:
+            bar.stop()
+            console.print(f"[yellow]{exc}[/]", highlight=False)
+            raise typer.Exit(130) from None
+    psnr = summary["psnr_vs_full_db"]
+    line = f"tiny decoder: step {summary['step']} · held-out PSNR {psnr:.2f} dB against the full decoder"
+    if "psnr_vs_truth_db" in summary:
+        truth, full = summary["psnr_vs_truth_db"], summary["full_psnr_vs_truth_db"]
+        line += f", {truth:.2f} dB against the clips (the full decoder: {full:.2f} dB)"
+    console.print(
+        f"{line} → use --set vae.decoder=tiny --set vae.tiny.path={summary['checkpoint']}/{WEIGHTS}", highlight=False
+    )
+
+
 @friendly_errors
 def pipeline(
     out: Annotated[Path, typer.Option("--out", help="pipeline directory (every stage's output, stages/*.json)")],

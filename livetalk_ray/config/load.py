@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         # sink and the window is renumbered at every block, so a query 60 s into a stream sees exactly the
         # arrangement of a training clip's last block (LiveTalk: 9 sinks in 15 frames of 21-frame clips).
         "cache": {"sink_size": 3, "local_attn_size": 9, "rope_positions": "rebased"},
-        "vae": {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1},
+        "vae": {"base_dim": 16, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1, "tiny": {"widths": [64, 32, 16, 16]}},
         "audio": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
         "text": {"max_length": 32, "d_model": 64, "num_layers": 2, "num_heads": 2, "d_ff": 128},
         "data": {"num_frames": 33, "min_side": 32, "clips_per_shard": 8},
@@ -189,6 +189,7 @@ RESUME_MUST_MATCH = (
     *("model.", "vae.", "text.", "audio.", "video.", "cache.", "data.num_frames", "train.optim."),
     *("sampler.shift", "sampler.num_train_timesteps", "sampler.student_"),  # what the training draws depend on
 )
+RESUME_MAY_CHANGE = ("vae.decoder", "vae.tiny.")  # how samples are decoded for viewing changes no training
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -207,7 +208,7 @@ def resume_changes(saved_config: str | Path, cfg: LiveTalkConfig) -> list[str]:
     saved = _flatten(load_config(config_file=saved_config).model_dump(mode="json"))
     now = _flatten(cfg.model_dump(mode="json"))
     changed = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-    refused = [k for k in changed if k.startswith(RESUME_MUST_MATCH)]
+    refused = [k for k in changed if k.startswith(RESUME_MUST_MATCH) and not k.startswith(RESUME_MAY_CHANGE)]
     if refused:
         diffs = "; ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in refused)
         raise ConfigError(

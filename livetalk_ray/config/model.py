@@ -73,6 +73,16 @@ class VideoConfig(_Section):
     width: int = 512
 
 
+class TinyDecoderConfig(_Section):
+    """The tiny streaming decoder that `vae.decoder=tiny` selects (models/tiny_decoder.py, TAEHV's architecture)."""
+
+    # A TAEHV-format .safetensors: madebyollin's taew2_1 for Wan 2.1 latents, or one `livetalk train tiny-decoder`
+    # made. None: a seeded random decoder (only useful for timing).
+    path: str | None = None
+    widths: list[int] = Field(default_factory=lambda: [256, 128, 64, 64])  # TAEHV's; a file's own shapes win
+    time_upscale: list[bool] = Field(default_factory=lambda: [False, True, True])  # 4x in all, as the Wan VAE
+
+
 class VAEConfig(_Section):
     """Wan VAE. `path` names a local `Wan2.1_VAE.pth` or diffusers directory; None builds from `arch`."""
 
@@ -88,6 +98,10 @@ class VAEConfig(_Section):
     # Per-channel latent normalisation; None takes diffusers' Wan 2.1 defaults (16 channels; others: 0 / 1).
     latents_mean: list[float] | None = None
     latents_std: list[float] | None = None
+    # What turns latents into frames when serving, generating and evaluating: the Wan decoder, or the tiny one
+    # (several times faster; training and the reference-image encode always use the full VAE).
+    decoder: Literal["full", "tiny"] = "full"
+    tiny: TinyDecoderConfig = Field(default_factory=TinyDecoderConfig)
 
     @property
     def spatial_factor(self) -> int:

@@ -153,11 +153,26 @@ class VAETrainConfig(_Section):
     train_encoder: bool = True
 
 
+class TinyDecoderTrainConfig(_Section):
+    """Tiny decoder distillation (`livetalk train tiny-decoder`): its frames learn the full decoder's (and, from
+    clips, the ground truth's) for the same latents."""
+
+    lr: float = 1e-3
+    schedule: Literal["constant", "cosine"] = "cosine"
+    clips_per_step: int = 8  # whole clips per worker per step (the decoder is small: a step is cheap)
+    truth_weight: float = 0.5  # weight of the ground-truth frames' loss beside the full decoder's (clips only)
+    psnr_clips: int = 4  # clips of --data held out of training for the PSNR report
+    # Clips in the distillation set, which keeps the full decoder's frames of each on disk (targets.pt: about
+    # 64 MB per 81-frame 512x512 clip, 0.4 MB per toy clip), decoded once before training.
+    max_clips: int = 512
+
+
 class TrainConfig(_Section):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     ode: ODEConfig = Field(default_factory=ODEConfig)
     dmd: DMDConfig = Field(default_factory=DMDConfig)
     vae: VAETrainConfig = Field(default_factory=VAETrainConfig)
+    tiny_decoder: TinyDecoderTrainConfig = Field(default_factory=TinyDecoderTrainConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
@@ -182,6 +197,7 @@ class PipelineConfig(_Section):
     heldout_clips: int = 16  # toy-world clips rendered for evaluation only
     # Each stage's train.max_steps in the chain
     vae_train_steps: int = 2000
+    tiny_decoder_train_steps: int = 1500  # distilled from the VAE's decoder (the `vae.decoder=tiny` serving tier)
     teacher_train_steps: int = 2500
     ode_train_steps: int = 3000  # an upper bound: the plateau detector ends the stage
     ode_lr: float = 2e-4

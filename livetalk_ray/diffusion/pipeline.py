@@ -8,6 +8,7 @@ serving deployments are thin layers over these two classes.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from livetalk_ray.models.checkpoint import load_checkpoint
 from livetalk_ray.models.conditioning import build_conditioners
 from livetalk_ray.models.dit import WanDiT
 from livetalk_ray.models.image import tensor_to_uint8
+from livetalk_ray.models.vae import frame_decoder
 
 
 @dataclass
@@ -60,6 +62,14 @@ class AvatarPipeline:
             self.dit.to(self.device, self.dtype)
         self.dit.eval().requires_grad_(False)
         self.sampler = StreamingSampler(self.dit, cfg)
+
+    @functools.cached_property
+    def frame_decoder(self):
+        """What turns latents into frames here (`vae.decoder`): the VAE already loaded, or the tiny decoder
+        (made at the first decode: a Denoiser replica never decodes)."""
+        if self.cfg.vae.decoder == "full":
+            return self.vae
+        return frame_decoder(self.cfg.vae, device=self.device, dtype=self.dtype, seed=TOY_INIT_SEED)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         return self.text_encoder.encode([prompt])
@@ -122,7 +132,7 @@ class AvatarStream:
         block = self.next_latents()
         t1 = time.perf_counter()
         if self.decoder is None:
-            self.decoder = self.pipe.vae.stream()
+            self.decoder = self.pipe.frame_decoder.stream()
         frames = tensor_to_uint8(self.decoder.decode_block(block.latents)[0])
         t2 = time.perf_counter()
         assert frames.shape[0] == block.num_frames, (frames.shape, block.num_frames)

@@ -146,12 +146,54 @@ def evaluate(
             )
         rows.append(row)
     _speedups(rows)
-    truth_row = {"model": "ground truth (VAE)", "lipsync": float(np.mean(lip_sync_scores(truth, audio, fps)))}
     if out_dir is not None:
         from PIL import Image
 
         Image.fromarray(np.concatenate(grids, axis=0)).save(Path(out_dir) / "eval_samples.png")
-    return [*rows, truth_row]
+    return [*rows, *decoder_rows(cfg, batch, truth)]
+
+
+def decoder_rows(cfg: LiveTalkConfig, batch: dict, full_frames: np.ndarray) -> list[dict]:
+    """A row per decoder of the held-out ground-truth latents: lip-sync of its frames, PSNR against the full
+    decoder's, and its streaming decode time per steady block (one stream, this process's threads)."""
+    from livetalk_ray.models.vae import frame_decoder
+
+    audio, fps = batch["audio"].numpy(), cfg.video.fps
+    names = ["full", *(["tiny"] if cfg.vae.tiny.path else [])]
+    rows = []
+    for name in names:
+        decoder = frame_decoder(cfg.vae.model_copy(update={"decoder": name}))
+        frames = decoder.decode_frames(batch["latents"]) if name == "tiny" else full_frames
+        rows.append(
+            {
+                "model": f"ground truth ({name} decoder)",
+                "lipsync": float(np.mean(lip_sync_scores(frames, audio, fps))),
+                "psnr_vs_full_db": None if name == "full" else _psnr(frames, full_frames),
+                "decode_ms_per_block": 1000 * _block_decode_seconds(decoder, batch["latents"][:1], cfg),
+            }
+        )
+    return rows
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def _block_decode_seconds(decoder, latents, cfg: LiveTalkConfig, repeats: int = 3) -> float:
+    """Median seconds to decode one steady block (after the stream's first) of one stream."""
+    import torch
+
+    fpb = cfg.cache.frames_per_block
+    times = []
+    for _ in range(repeats):
+        stream = decoder.stream()
+        stream.decode_block(latents[:, :, :fpb])
+        start = time.perf_counter()
+        with torch.no_grad():
+            stream.decode_block(latents[:, :, fpb : 2 * fpb])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _speedups(rows: list[dict]) -> None:
@@ -180,6 +222,8 @@ def markdown(rows: list[dict]) -> str:
         "denoise_fps_x_teacher",
         "denoise_ttff_x_teacher",
         "collapse",
+        "psnr_vs_full_db",
+        "decode_ms_per_block",
     ]
 
     def fmt(v) -> str:

@@ -173,13 +173,48 @@ class VAEDecodeStream:
         return out.clamp(-1.0, 1.0).float()
 
 
-def decode_many(streams: list[VAEDecodeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
+def latent_statistics(cfg: VAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and std [1, z, 1, 1, 1], without loading its weights: the config's,
+    else those in the diffusers directory's config.json, else diffusers' Wan 2.1 defaults (16 channels) or 0 / 1."""
+    import inspect
+    import json
+
+    mean, std = cfg.latents_mean, cfg.latents_std
+    path = Path(cfg.path) if cfg.path else None
+    if path is not None and path.is_dir() and (mean is None or std is None):
+        config_file = path / "vae" / "config.json" if (path / "vae" / "config.json").is_file() else path / "config.json"
+        saved = json.loads(config_file.read_text())
+        mean, std = mean or saved.get("latents_mean"), std or saved.get("latents_std")
+    if mean is None or std is None:
+        defaults = inspect.signature(AutoencoderKLWan.__init__).parameters
+        z = cfg.z_dim if path is None else 16  # a .pth file is Wan 2.1's VAE
+        mean = mean or (defaults["latents_mean"].default if z == 16 else [0.0] * z)
+        std = std or (defaults["latents_std"].default if z == 16 else [1.0] * z)
+    shape = (1, -1, 1, 1, 1)
+    return torch.tensor(mean, dtype=torch.float32).view(shape), torch.tensor(std, dtype=torch.float32).view(shape)
+
+
+def frame_decoder(cfg: VAEConfig, *, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """What `vae.decoder` selects to turn latents into frames: the Wan VAE, or the tiny decoder (from
+    `vae.tiny.path`, else seeded random). Both decode whole clips (`decode`) and streams (`stream()`)."""
+    if cfg.decoder == "full":
+        return WanVAE(cfg, device=device, dtype=dtype, seed=seed)
+    from livetalk_ray.models.tiny_decoder import TinyVAEDecoder, build_tiny_decoder
+
+    return TinyVAEDecoder(build_tiny_decoder(cfg, seed), *latent_statistics(cfg), device=device, dtype=dtype)
+
+
+def decode_many(streams: list, latents: list[torch.Tensor]) -> list[torch.Tensor]:
     """`decode_block` of several streams of one VAE in one batch (cross-session batching).
 
     Streams past their first latent frame have feature caches of one shape, so they are stacked along
     the batch, decoded together and split back; a stream still at its start decodes alone. Besides fewer,
     larger kernels this moves CPU batches onto oneDNN: PyTorch picks its slow native conv3d for small
     single-sample inputs, and a batch of 2 costs about what 1 does on the toy VAE."""
+    from livetalk_ray.models.tiny_decoder import TinyDecodeStream, decode_many_tiny
+
+    if streams and isinstance(streams[0], TinyDecodeStream):
+        return decode_many_tiny(streams, latents)
     outputs: list[torch.Tensor | None] = [None] * len(streams)
     ready = [i for i, s in enumerate(streams) if s.frames_in > 0 and all(torch.is_tensor(c) for c in s.feat_cache)]
     groups: dict[tuple, list[int]] = {}

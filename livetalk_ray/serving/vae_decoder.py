@@ -15,7 +15,7 @@ from PIL import Image
 
 from livetalk_ray.config import TOY_INIT_SEED, LiveTalkConfig, resolve_device, resolve_dtype
 from livetalk_ray.models.image import tensor_to_uint8
-from livetalk_ray.models.vae import VAEDecodeStream, WanVAE, decode_many
+from livetalk_ray.models.vae import decode_many, frame_decoder
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 from livetalk_ray.serving.sessions import SessionStage, SessionTable
 
@@ -30,14 +30,15 @@ class DecoderCore:
     def __init__(self, cfg: LiveTalkConfig) -> None:
         self.cfg = cfg
         device = resolve_device(cfg.runtime)
-        self.vae = WanVAE(cfg.vae, device=device, dtype=resolve_dtype(cfg.runtime, device), seed=TOY_INIT_SEED)
+        dtype = resolve_dtype(cfg.runtime, device)
+        self.vae = frame_decoder(cfg.vae, device=device, dtype=dtype, seed=TOY_INIT_SEED)  # full or tiny
         self.sessions = SessionTable("decoder")
 
     def decode_many(self, requests: list[tuple[str, int, torch.Tensor]]) -> list[list[bytes] | Exception]:
         """JPEG frames of one block per (session, block index, latents), all sessions in one batch; block 0
         (re)starts the session's decoder state. Per request: its frames, or its own error."""
         results: list = [None] * len(requests)
-        ready: list[tuple[int, VAEDecodeStream, torch.Tensor]] = []
+        ready: list[tuple[int, object, torch.Tensor]] = []  # a VAEDecodeStream or a TinyDecodeStream
         for i, (session_id, block_index, latents) in enumerate(requests):
             if block_index == 0:
                 self.sessions.put(session_id, self.vae.stream())

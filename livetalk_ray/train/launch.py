@@ -25,6 +25,7 @@ def absolute_paths(cfg: LiveTalkConfig) -> LiveTalkConfig:
         (cfg.train.dmd, "teacher_checkpoint"),
         (cfg.train, "eval_data"),
         (cfg.vae, "path"),
+        (cfg.vae.tiny, "path"),
         (cfg.audio, "path"),
         (cfg.text, "path"),
     ):
@@ -91,7 +92,7 @@ def run_stage(
         # abort; a helper thread follows metrics.jsonl for the progress callback.
         with following(MetricsLog(run_dir, enabled=True), on_progress):
             try:
-                _fit_on_ray(config, cfg, stage_name, run_dir)
+                fit_on_ray(config, cfg, stage_name, run_dir)
             except SystemExit:
                 pass  # Ray Train's Ctrl-C handler aborts the run with sys.exit; reported below as an interruption
     summary_path = run_dir / "summary.json"
@@ -129,7 +130,8 @@ def _stop_on_user_error():
     return StopOnUserError()
 
 
-def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Path) -> None:
+def fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Path, loop: Callable = train_loop) -> None:
+    """`loop(config)` on a Ray Train TorchTrainer of `train.workers` workers; a worker's user error ends the run."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -138,7 +140,7 @@ def _fit_on_ray(config: dict, cfg: LiveTalkConfig, stage_name: str, run_dir: Pat
     if use_gpu:
         resources["GPU"] = cfg.train.gpus_per_worker
     trainer = TorchTrainer(
-        train_loop,
+        loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -34,3 +34,14 @@ def test_denoise_then_decode_equals_next_block():
         np.testing.assert_array_equal(latent.audio, block.audio)
         assert len(latent.audio) == latent.num_frames * cfg.audio.sample_rate // cfg.video.fps
     assert cfg.block_video_frames(0) == 9 and cfg.block_video_frames(1) == 12  # 3 latent frames, 4 video frames each
+
+
+def test_vae_decoder_tiny_decodes_the_same_latents_with_the_tiny_decoder():
+    cfg = load_config("toy", overrides=["model.num_layers=2", "vae.decoder=tiny"])
+    pipe = AvatarPipeline(cfg)
+    assert type(pipe.frame_decoder).__name__ == "TinyVAEDecoder" and pipe.vae is not pipe.frame_decoder
+    whole, split = _stream(pipe), _stream(pipe)
+    decoder = pipe.frame_decoder.stream()
+    for _ in range(2):
+        block, latent = whole.next_block(), split.next_latents()
+        np.testing.assert_array_equal(tensor_to_uint8(decoder.decode_block(latent.latents)[0]), block.frames)

@@ -35,8 +35,14 @@ def models(tmp_path_factory):
 
 
 def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, tmp_path):
+    import torch
+
+    from livetalk_ray.models.tiny_decoder import TinyDecoder, save_taehv
+
     teacher, student = models
-    sets = ["--set", "sampler.teacher_steps=4"]
+    torch.manual_seed(0)
+    save_taehv(TinyDecoder(16, (8, 8, 8, 8)), tmp_path / "tiny.safetensors")
+    sets = ["--set", "sampler.teacher_steps=4", "--set", f"vae.tiny.path={tmp_path / 'tiny.safetensors'}"]
     result = CliRunner().invoke(
         app,
         [
@@ -70,7 +76,11 @@ def test_eval_json_has_a_row_per_model_with_every_column(models, random_shards, 
         assert {"identity_1s", "identity_median", "seconds_other_person", "lipsync_mean"} <= set(row), row
     assert long["rows"][0]["identity_median"] < 0.06  # the truth is the portrait's person
     rows = output["rows"]
-    assert [r["model"] for r in rows] == ["teacher", "dmd", "ground truth (VAE)"]
+    decoders = ["ground truth (full decoder)", "ground truth (tiny decoder)"]
+    assert [r["model"] for r in rows] == ["teacher", "dmd", *decoders]
+    full, tiny = rows[2:]
+    assert full["psnr_vs_full_db"] is None and 0 < tiny["psnr_vs_full_db"] < 60  # an untrained tiny decoder
+    assert full["decode_ms_per_block"] > 0 and tiny["decode_ms_per_block"] > 0
     keys = {"model", "lipsync", "identity_drift_sinks", "identity_drift_nosinks", "frechet", "fps", "ttff_s"}
     assert keys <= set(rows[0]) and keys <= set(rows[1])
     assert rows[0]["identity_drift_sinks"] is None and rows[1]["fps"] > 0 and rows[1]["ttff_s"] > 0

@@ -266,3 +266,23 @@ def test_a_connected_viewer_that_does_not_read_counts_as_idle(stages):
 
     reading, not_reading, _ = asyncio.run(main())
     assert reading < 0.5 and not_reading > 1.0
+
+
+def test_a_tiny_decoder_tier_streams_the_same_blocks(stages):
+    """`vae.decoder=tiny` on the VAEDecoder: the session streams blocks of the same frames and size."""
+    tiny = cfg_with("vae.decoder=tiny")
+    decoder = VAEDecoder(tiny.model_dump(mode="json"))
+    assert type(decoder.core.vae).__name__ == "TinyVAEDecoder"
+
+    async def main():
+        driver = driver_for(stages, "serve.lead_blocks=100", sid="tiny")
+        driver.decoder = Stage("decoder", decoder, "tiny")
+        queue = driver.subscribe()
+        driver.start()
+        blocks = [decode_block(m) for m in await take(queue, 3)]
+        await driver.close()
+        return blocks
+
+    blocks = asyncio.run(main())
+    assert [len(jpegs) for _, jpegs, _ in blocks] == [9, 12, 12]
+    assert Image.open(io.BytesIO(blocks[0][1][0])).size == (64, 64)
