@@ -97,6 +97,20 @@ def install_toy_weights(
     return manifest
 
 
+def install_tiny_decoder(source: str | Path, provenance: dict, dest: Path = TOY_DIR) -> dict:
+    """Ship a tiny decoder distilled from the VAE already in `dest` (`livetalk train tiny-decoder` with
+    `--vae dest/vae`): the file beside the VAE, its hash and `provenance` in the manifest."""
+    from livetalk_ray.models.tiny_decoder import load_taehv
+
+    load_taehv(source)  # refuses anything that is not a TAEHV decoder
+    shutil.copy2(source, dest / TINY_DECODER_FILE)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["tiny_decoder"] = provenance
+    manifest["sha256"][TINY_DECODER_FILE] = _sha256(dest / TINY_DECODER_FILE)
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
 def install_from_pipeline(pipeline_dir: str | Path, dest: Path = TOY_DIR) -> dict:
     """Install a finished `livetalk pipeline` run's teacher, ODE student, DMD student and VAE."""
     stages = Path(pipeline_dir) / "stages"

@@ -262,9 +262,10 @@ def train_tiny_decoder_command(
 ) -> None:
     """Distil the tiny streaming decoder from the full VAE decoder (and the clips' frames) on Ray Train."""
     from livetalk_ray.train.launch import StageInterrupted
-    from livetalk_ray.train.tiny_decoder import WEIGHTS, train_tiny_decoder
+    from livetalk_ray.train.tiny_decoder import WEIGHTS, preflight, train_tiny_decoder
 
     cfg = resolve_config(preset, config, set_)
+    preflight(data.resolve(), out.resolve(), resume)
     _apply(cfg, workers, None)
     if vae is not None:
         cfg.vae.path = str(vae)

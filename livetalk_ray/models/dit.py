@@ -110,6 +110,8 @@ def drop_text_padding(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Attention over the kept rows equals attention over all of them (exactly, up to float rounding) at a
     fraction of the cost. Returns the kept context [B, L', D] and the bias [B, 1, 1, L'] (None: nothing to drop)."""
     b, length, _ = context.shape
+    if context.is_meta:  # shapes only (FLOP counts, `model info`): no values to find padding in
+        return context, None
     positions = torch.arange(length, device=context.device)
     real = context.detach().abs().amax(dim=-1) > 0
     lengths = torch.where(real, positions + 1, 0).amax(dim=-1)  # [B]: rows up to the last non-zero one

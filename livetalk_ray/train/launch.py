@@ -35,12 +35,18 @@ def absolute_paths(cfg: LiveTalkConfig) -> LiveTalkConfig:
     return cfg
 
 
-def preflight(stage_name: str, cfg: LiveTalkConfig, data: Path, run_dir: Path, resume: bool) -> LiveTalkConfig:
-    """Every check that can fail before workers start, with a message that says what to do."""
-    stage = load_stage(stage_name)
+def newest_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The run's newest checkpoint; one that exists without --resume is a user error (nothing is overwritten)."""
     last = latest_checkpoint(run_dir)
     if last is not None and not resume:
         raise ConfigError(f"{run_dir} already holds {last.name}: pass --resume to continue it, or choose a new --out")
+    return last
+
+
+def preflight(stage_name: str, cfg: LiveTalkConfig, data: Path, run_dir: Path, resume: bool) -> LiveTalkConfig:
+    """Every check that can fail before workers start, with a message that says what to do."""
+    stage = load_stage(stage_name)
+    last = newest_to_resume(run_dir, resume)
     if last is not None:
         saved = json.loads((last / "trainer.json").read_text()).get("stage")
         if saved not in (None, stage_name):

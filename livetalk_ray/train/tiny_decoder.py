@@ -215,6 +215,15 @@ def tiny_decoder_loop(config: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the driver
+def preflight(data: Path, run_dir: Path, resume: bool) -> None:
+    """The user errors that need no Ray and no model: before any progress output."""
+    if not data.exists():
+        raise FileNotFoundError(f"--data {data} does not exist: pass prepared shards or a directory of clips")
+    from livetalk_ray.train.launch import newest_to_resume
+
+    newest_to_resume(run_dir, resume)
+
+
 def train_tiny_decoder(
     cfg: LiveTalkConfig,
     data: str | Path,
@@ -231,10 +240,7 @@ def train_tiny_decoder(
     from livetalk_ray.train.loop import following
 
     data, run_dir = Path(data).resolve(), Path(run_dir).resolve()
-    if not data.exists():
-        raise FileNotFoundError(f"--data {data} does not exist: pass prepared shards or a directory of clips")
-    if (last := latest_checkpoint(run_dir)) is not None and not resume:
-        raise ConfigError(f"{run_dir} already holds {last.name}: pass --resume to continue it, or choose a new --out")
+    preflight(data, run_dir, resume)
     cfg = absolute_paths(cfg)
     if use_ray and not (run_dir / TARGETS).is_file():
         _build_targets_on_ray(cfg, data, run_dir)

@@ -1,5 +1,6 @@
 """The shipped toy weights: chosen only for the toy model without a checkpoint, and they really talk."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ def test_the_toy_preset_without_a_checkpoint_gets_the_shipped_student_and_vae():
     assert checkpoint == TOY_DIR and Path(cfg.vae.path) == TOY_DIR / "vae"
     named = with_embedded_weights(load_config("toy"), TOY_DIR)[0]  # --checkpoint pointing at the assets
     assert Path(named.vae.path) == TOY_DIR / "vae"
+    # ... and the tiny decoder distilled from that VAE, which `--set vae.decoder=tiny` selects
+    assert Path(cfg.vae.tiny.path) == TOY_DIR / "tiny_decoder.safetensors" and Path(cfg.vae.tiny.path).is_file()
+    manifest = json.loads((TOY_DIR / "manifest.json").read_text())
+    assert "tiny_decoder.safetensors" in manifest["sha256"] and manifest["tiny_decoder"]["psnr_vs_full_db"] > 20
 
 
 def test_other_models_and_named_checkpoints_are_left_alone(tmp_path):

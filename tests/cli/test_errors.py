@@ -60,6 +60,15 @@ def test_missing_data_directory(tmp_path):
     assert_user_error(proc, "--data /nonexistent does not exist", "livetalk data prepare")
 
 
+def test_tiny_decoder_training_without_data_or_over_an_old_run(tmp_path):
+    proc = livetalk("train", "tiny-decoder", "--data", "/nonexistent", "--out", str(tmp_path / "run"))
+    assert_user_error(proc, "--data /nonexistent does not exist", "shards or a directory of clips")
+    (tmp_path / "run" / "checkpoints" / "step_000004").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_000004" / "trainer.json").write_text("{}")
+    proc = livetalk("train", "tiny-decoder", "--data", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert_user_error(proc, "already holds step_000004", "--resume")
+
+
 def test_missing_input_of_data_prepare(tmp_path):
     proc = livetalk("data", "prepare", "--input", "/nonexistent", "--out", str(tmp_path / "out"))
     assert_user_error(proc, "--input /nonexistent does not exist", "livetalk demo-data")

@@ -200,3 +200,16 @@ def test_cached_forward_of_many_streams_equals_each_alone(toy_cfg):
         assert torch.allclose(together[1].k[layer], alone[1].k[layer], atol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         model.forward_cached_many(b["x"], b["t"], [b["context"]] * 2, b["y"], caches(), [0, 0])
+
+
+def test_text_padding_is_kept_on_the_meta_device():
+    """FLOP counting runs the DiT on `meta` tensors (bench/sampler.py): there are no values to find padding in."""
+    from livetalk_ray.models.dit import drop_text_padding
+
+    context = torch.empty(2, 16, 8, device="meta")
+    kept, bias = drop_text_padding(context)
+    assert kept is context and bias is None
+    real = torch.zeros(2, 16, 8)
+    real[:, :3] = 1.0
+    kept, bias = drop_text_padding(real)
+    assert kept.shape == (2, 4, 8) and bias.shape == (2, 1, 1, 4)  # 3 prompt rows and one for the padding
