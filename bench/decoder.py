@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,22 +39,20 @@ def held_out_clips(directory: Path | None, cfg) -> np.ndarray:
     return np.stack(load_clips(directory, cfg))
 
 
-def block_seconds(decoders: dict, latents: torch.Tensor, rounds: int, fpb: int) -> dict[str, float]:
+def block_seconds(decoders: dict, latents: torch.Tensor, rounds: int, cfg) -> dict[str, float]:
     """Median seconds per steady block of one stream, the decoders interleaved round by round."""
+    from livetalk_ray.eval.table import steady_block_seconds
+
     times: dict[str, list[float]] = {name: [] for name in decoders}
     for _ in range(rounds):
         for name, decoder in decoders.items():
-            stream = decoder.stream()
-            stream.decode_block(latents[:, :, :fpb])
-            start = time.perf_counter()
-            stream.decode_block(latents[:, :, fpb : 2 * fpb])
-            times[name].append(time.perf_counter() - start)
+            times[name].append(steady_block_seconds(decoder, latents, cfg, repeats=1))
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def quality(decoders: dict, latents: torch.Tensor, truth: np.ndarray) -> dict[str, dict[str, float]]:
+    from livetalk_ray.models.image import psnr_db
     from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance
-    from livetalk_ray.train.tiny_decoder import psnr_db
 
     out = {}
     for name, decoder in decoders.items():
@@ -68,6 +65,13 @@ def quality(decoders: dict, latents: torch.Tensor, truth: np.ndarray) -> dict[st
             "faces_lost": int(np.sum(~np.isfinite(identity))),
         }
     return out
+
+
+def _shown(path: Path) -> str:
+    """A path as the JSON records it: relative to the repository when inside it (results carry no machine paths)."""
+    root = Path(__file__).resolve().parents[1]
+    path = path.resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def main() -> None:
@@ -87,10 +91,10 @@ def main() -> None:
     decoders = {"full": full, "tiny": frame_decoder(cfg.vae.model_copy(update={"decoder": "tiny"}))}
     truth = held_out_clips(args.clips, cfg)
     latents = torch.cat([full.encode(to_video(truth[i : i + 4])) for i in range(0, len(truth), 4)])
-    speed = block_seconds(decoders, latents[:1], args.rounds, cfg.cache.frames_per_block)
+    speed = block_seconds(decoders, latents[:1], args.rounds, cfg)
     scores = quality(decoders, latents, truth)
     result = {
-        "tiny": str(args.tiny),
+        "tiny": _shown(args.tiny),
         "clips": len(truth),
         "block_seconds": speed,
         "quality": scores,

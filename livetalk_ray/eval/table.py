@@ -31,7 +31,7 @@ from livetalk_ray.diffusion.clips import EVAL_COLUMNS, SAMPLE_SEED, sample_clips
 from livetalk_ray.eval.frechet import frame_features, frechet_distance
 from livetalk_ray.eval.longform import stream_student
 from livetalk_ray.models.checkpoint import load_checkpoint
-from livetalk_ray.models.image import frame_grid
+from livetalk_ray.models.image import frame_grid, psnr_db
 from livetalk_ray.models.vae import WanVAE
 from livetalk_ray.toyworld.measure import identity_descriptor, identity_distance, lip_sync_scores
 
@@ -150,38 +150,35 @@ def evaluate(
         from PIL import Image
 
         Image.fromarray(np.concatenate(grids, axis=0)).save(Path(out_dir) / "eval_samples.png")
-    return [*rows, *decoder_rows(cfg, batch, truth)]
+    return [*rows, *decoder_rows(cfg, batch, vae, truth)]
 
 
-def decoder_rows(cfg: LiveTalkConfig, batch: dict, full_frames: np.ndarray) -> list[dict]:
+def decoder_rows(cfg: LiveTalkConfig, batch: dict, vae: WanVAE, full_frames: np.ndarray) -> list[dict]:
     """A row per decoder of the held-out ground-truth latents: lip-sync of its frames, PSNR against the full
-    decoder's, and its streaming decode time per steady block (one stream, this process's threads)."""
+    decoder's (`vae`, whose frames are `full_frames`), and its streaming decode time per steady block (one stream,
+    this process's threads)."""
     from livetalk_ray.models.vae import frame_decoder
 
     audio, fps = batch["audio"].numpy(), cfg.video.fps
-    names = ["full", *(["tiny"] if cfg.vae.tiny.path else [])]
+    decoders = {"full": vae}
+    if cfg.vae.tiny.path:
+        decoders["tiny"] = frame_decoder(cfg.vae.model_copy(update={"decoder": "tiny"}))
     rows = []
-    for name in names:
-        decoder = frame_decoder(cfg.vae.model_copy(update={"decoder": name}))
+    for name, decoder in decoders.items():
         frames = decoder.decode_frames(batch["latents"]) if name == "tiny" else full_frames
         rows.append(
             {
                 "model": f"ground truth ({name} decoder)",
                 "lipsync": float(np.mean(lip_sync_scores(frames, audio, fps))),
-                "psnr_vs_full_db": None if name == "full" else _psnr(frames, full_frames),
-                "decode_ms_per_block": 1000 * _block_decode_seconds(decoder, batch["latents"][:1], cfg),
+                "psnr_vs_full_db": None if name == "full" else psnr_db(frames, full_frames),
+                "decode_ms_per_block": 1000 * steady_block_seconds(decoder, batch["latents"][:1], cfg),
             }
         )
     return rows
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def _block_decode_seconds(decoder, latents, cfg: LiveTalkConfig, repeats: int = 3) -> float:
-    """Median seconds to decode one steady block (after the stream's first) of one stream."""
+def steady_block_seconds(decoder, latents, cfg: LiveTalkConfig, repeats: int = 3) -> float:
+    """Median seconds to decode one steady block (after the stream's first) of one stream of `latents`."""
     import torch
 
     fpb = cfg.cache.frames_per_block

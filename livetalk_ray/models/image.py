@@ -42,6 +42,12 @@ def tensor_to_uint8(frames: torch.Tensor) -> np.ndarray:
     return ((frames.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB between two stacks of uint8 frames (over every pixel of all of them)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
 def frame_grid(frames: np.ndarray, refs: np.ndarray, every: int = 2) -> np.ndarray:
     """[B, T, H, W, 3] + references [B, H, W, 3] → one image: a row per clip, reference first."""
     rows = []

@@ -224,28 +224,24 @@ class TinyDecodeStream:
         self.memory: list[torch.Tensor] | None = None
         self.frames_in = 0
 
-    @torch.no_grad()
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
-        frames, self.memory = self.decoder.model(self.decoder.raw(latents), self.memory)
-        trim = self.decoder.model.temporal_factor - 1 if self.frames_in == 0 else 0
-        self.frames_in += latents.shape[2]
-        return _to_video(frames[:, trim:])
+        return decode_many_tiny([self], [latents])[0]
 
 
 def decode_many_tiny(streams: list[TinyDecodeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`decode_block` of several streams in one batch: streams at the same stage (all starting, or all past their
-    start) with latents of one shape decode together, memories stacked along the batch."""
+    """`decode_block` of several streams in one batch: streams at the same stage (starting or not, with memory or
+    without: a stream without memory sees zeros as the step before) with latents of one shape decode together,
+    memories stacked along the batch."""
     outputs: list[torch.Tensor | None] = [None] * len(streams)
     groups: dict[tuple, list[int]] = {}
     for i, stream in enumerate(streams):
-        groups.setdefault((stream.frames_in == 0, tuple(latents[i].shape[1:])), []).append(i)
-    for (starting, _), members in groups.items():
+        key = (stream.frames_in == 0, stream.memory is not None, tuple(latents[i].shape[1:]))
+        groups.setdefault(key, []).append(i)
+    for (starting, remembers, _), members in groups.items():
         decoder = streams[members[0]].decoder
-        memory = (
-            None
-            if starting
-            else [torch.cat(parts) for parts in zip(*(streams[i].memory for i in members), strict=True)]
-        )
+        memory = None
+        if remembers:
+            memory = [torch.cat(parts) for parts in zip(*(streams[i].memory for i in members), strict=True)]
         with torch.no_grad():
             frames, after = decoder.model(decoder.raw(torch.cat([latents[i] for i in members])), memory)
         trim = decoder.model.temporal_factor - 1 if starting else 0

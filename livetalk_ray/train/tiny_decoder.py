@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from livetalk_ray.config import TOY_INIT_SEED, ConfigError, LiveTalkConfig, resolve_device
+from livetalk_ray.models.image import psnr_db
 from livetalk_ray.models.tiny_decoder import build_tiny_decoder, save_taehv
 from livetalk_ray.seeds import seed_of
 from livetalk_ray.train.engine import TrainEngine, latest_checkpoint
@@ -79,11 +80,6 @@ def build_targets(cfg: LiveTalkConfig, data: Path, run_dir: Path, progress: Call
 def _video(frames: np.ndarray) -> torch.Tensor:
     """[B, T, H, W, 3] uint8 → [B, T, 3, H, W] in [0, 1] (the tiny decoder's own frame layout)."""
     return torch.from_numpy(frames).permute(0, 1, 4, 2, 3).float() / 255
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
 # ---------------------------------------------------------------------------------------------- the worker
