@@ -174,44 +174,31 @@ def main() -> None:
     cfg = load_config("toy", overrides=unpaced)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    runs: dict[str, list[dict]] = {
-        "in_process": [],
-        "serve_1": [],
-        "serve_sequential": [],
-        "serve_4": [],
-        "serve_4_no_gather": [],
-    }
+    runs: dict[str, list[dict]] = {"in_process": [], "serve_1": [], "serve_sequential": [], "serve_4": []}
     try:
         # Both apps stay deployed and the measurements interleave, so machine noise hits all of them alike.
         piped = deploy(cfg, "piped")
         sequential = deploy(load_config("toy", overrides=[*unpaced, "serve.blocks_in_flight=1"]), "sequential")
-        no_gather = deploy(load_config("toy", overrides=[*unpaced, "serve.batch_gather=0"]), "no_gather")
         for _ in range(args.rounds):
             runs["in_process"].append(in_process(cfg, args.blocks))
             runs["serve_1"].append({**sessions_run(piped, args.blocks, 1), "ttff_s": ttff_probe(piped)})
             runs["serve_sequential"].append(sessions_run(sequential, args.blocks, 1))
             runs["serve_4"].append(sessions_run(piped, args.blocks, 4))
-            runs["serve_4_no_gather"].append(sessions_run(no_gather, args.blocks, 4))
     finally:
         serve.shutdown()
         ray.shutdown()
-    local, one, seq, four, four_now = (
-        median_run(runs[k]) for k in ("in_process", "serve_1", "serve_sequential", "serve_4", "serve_4_no_gather")
-    )
+    local, one, seq, four = (median_run(runs[k]) for k in ("in_process", "serve_1", "serve_sequential", "serve_4"))
     ratios = {
         "serve_fps_over_in_process": one["fps"] / local["fps"],
         "pipelined_over_sequential": one["fps"] / seq["fps"],
         "serve_ttff_over_first_block_compute": one["ttff_s"] / local["first_block_s"],
         "four_sessions_over_one": four["fps"] / one["fps"],
-        # what waiting for the other sessions' items (serve.batch_gather) buys 4 unpaced sessions
-        "four_sessions_gather_over_no_gather": four["fps"] / four_now["fps"],
     }
     goals = {
         "serve_fps_over_in_process": (">=", 0.9),
         "pipelined_over_sequential": (">=", 1.4),
         "serve_ttff_over_first_block_compute": ("<=", 1.3),
         "four_sessions_over_one": (">=", 1.5),
-        "four_sessions_gather_over_no_gather": (">=", 1.0),
     }
     table = Table(title=f"serving, toy preset, 2 CPU cores (medians of {args.rounds} interleaved rounds)")
     for col in ("measure", "value", "goal", "met"):
@@ -222,8 +209,7 @@ def main() -> None:
         "in-process block s: denoise, decode", f"{local['denoise_block_s']:.3f}, {local['decode_block_s']:.3f}", "", ""
     )
     table.add_row("pipelining ceiling (stage balance)", f"{local['pipelining_ceiling']:.2f}", "", "")
-    named = (("Serve 1 session", one), ("Serve sequential", seq), ("Serve 4 sessions", four))
-    for name, r in (*named, ("Serve 4 sessions, no gather", four_now)):
+    for name, r in (("Serve 1 session", one), ("Serve sequential", seq), ("Serve 4 sessions", four)):
         table.add_row(f"{name} FPS", f"{r['fps']:.1f}", "", "")
         table.add_row(f"{name} TTFF s", f"{r['ttff_s']:.3f}", "", "")
         table.add_row(f"{name} gap p50, p99 s", f"{r['gap_p50_s']:.3f}, {r['gap_p99_s']:.3f}", "", "")
@@ -235,8 +221,7 @@ def main() -> None:
         table.add_row(name, f"{value:.2f}", f"{op} {goal}", "yes" if met[name] else "no")
     Console().print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    medians = {"in_process": local, "serve_1": one, "serve_sequential": seq, "serve_4": four}
-    result = {"median": {**medians, "serve_4_no_gather": four_now}}
+    result = {"median": {"in_process": local, "serve_1": one, "serve_sequential": seq, "serve_4": four}}
     result.update(ratios=ratios, met=met, runs=runs, blocks=args.blocks, rounds=args.rounds, overrides=args.set)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -54,9 +54,6 @@ class ServeConfig(_Section):
     viewer_buffer_blocks: int = Field(default=8, ge=1)  # blocks a viewer may leave unread before it is dropped
     # Sessions a Denoiser or VAEDecoder replica computes in one batch (cross-session batching); 1 = off.
     batch_sessions: int = Field(default=8, ge=1)
-    # When fewer sessions are ready than a replica holds, a batch waits for the others at most this many times
-    # the last batch's compute time (0: start at once). Fuller batches cost less per session.
-    batch_gather: float = Field(default=0.5, ge=0.0, le=2.0)
     jpeg_quality: int = Field(default=85, ge=10, le=100)
     max_image_bytes: int = Field(default=8 * 2**20, ge=1024)
     max_image_pixels: int = Field(default=4096 * 4096, ge=64)

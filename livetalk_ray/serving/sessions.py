@@ -62,13 +62,7 @@ class SessionStage:
 
     def _setup(self, cfg: LiveTalkConfig, core, run_batch) -> None:
         self.cfg, self.core = cfg, core
-        self.batcher = MicroBatcher(
-            run_batch,
-            cfg.serve.batch_sessions,
-            self.name,
-            gather=cfg.serve.batch_gather,
-            sessions=lambda: len(core.sessions),
-        )
+        self.batcher = MicroBatcher(run_batch, cfg.serve.batch_sessions, self.name)
         self.reaper: asyncio.Task | None = None
         self._trim_pending = False  # a release of freed memory is scheduled
 

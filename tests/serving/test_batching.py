@@ -3,7 +3,6 @@ session per batch, errors stay with their own caller."""
 
 import asyncio
 import threading
-import time
 
 import pytest
 
@@ -76,43 +75,3 @@ def test_exclusive_work_waits_for_the_running_batch():
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         MicroBatcher(lambda items: items, 0)
-
-
-def gathering_batcher(gather: float, sessions: int):
-    batches = []
-
-    def run(items):
-        batches.append(list(items))
-        time.sleep(0.2)  # every batch computes 0.2 s, so a gather of 1.0 may wait up to 0.2 s
-        return [f"out {i}" for i in items]
-
-    return MicroBatcher(run, 8, gather=gather, sessions=lambda: sessions), batches
-
-
-async def _late_pair(batcher, late_s: float):
-    """Session a's first item, then (after its batch) items of a and b, b arriving `late_s` after a."""
-    await batcher.submit("a", "a0")
-    second = asyncio.create_task(batcher.submit("a", "a1"))
-    await asyncio.sleep(late_s)
-    return await asyncio.gather(second, batcher.submit("b", "b1"))
-
-
-def test_a_batch_waits_for_the_replicas_other_sessions_within_the_bound():
-    batcher, batches = gathering_batcher(gather=1.0, sessions=2)
-    assert asyncio.run(_late_pair(batcher, late_s=0.05)) == ["out a1", "out b1"]
-    assert batches == [["a0"], ["a1", "b1"]]  # b came 0.05 s late, inside the 0.2 s bound: one batch
-
-
-def test_a_batch_does_not_wait_past_the_bound_or_without_gather():
-    for gather, sessions, late_s in [(1.0, 2, 0.4), (0.0, 2, 0.05), (1.0, 1, 0.05)]:
-        batcher, batches = gathering_batcher(gather=gather, sessions=sessions)
-        t0 = time.perf_counter()
-        asyncio.run(_late_pair(batcher, late_s=late_s))
-        assert batches == [["a0"], ["a1"], ["b1"]], (gather, sessions, late_s)
-        # a1 did not wait longer than the bound (0.2 s) for b: a0, a1 and b1 each compute 0.2 s
-        assert time.perf_counter() - t0 < 0.2 * 3 + max(late_s, 0.2) + 0.15
-
-
-def test_gather_must_not_be_negative():
-    with pytest.raises(ValueError, match="at least 0"):
-        MicroBatcher(lambda items: items, 1, gather=-1)
