@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -24,39 +23,14 @@ train_app = typer.Typer(no_args_is_help=True, help="Training stages (resumable, 
 
 
 def step_progress(label: str, fields: str, out=None, every_s: float = 30.0):
-    """The progress bar every training command shows: label, bar, steps done/total, `fields`, time left.
-    Off a terminal (a Ray job's log, CI, nohup) a live bar never draws, so the same columns are printed as a
-    line every `every_s` seconds (rich itself prints the last state when it stops)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """The progress bar every training command shows: label, bar, steps done/total, `fields`, time left (a
+    line every `every_s` seconds off a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    out = out or console
+    from livetalk_ray.progress import progress_bar
+
     columns = [TextColumn(f"[bold]{label}"), BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn(fields)]
-    if out.is_terminal:
-        return Progress(*columns, TimeRemainingColumn(), console=out)
-    return _progress_lines(Progress)(*columns, TimeRemainingColumn(), console=out, every_s=every_s)
-
-
-def _progress_lines(progress_class):
-    """A rich Progress that also prints its tasks as plain lines, at most every `every_s` seconds."""
-
-    class ProgressLines(progress_class):
-        def __init__(self, *columns, every_s: float, **kwargs) -> None:
-            super().__init__(*columns, **kwargs)
-            self.every_s, self.printed_at = every_s, time.monotonic()
-
-        def update(self, task_id, **kwargs) -> None:
-            super().update(task_id, **kwargs)
-            if time.monotonic() - self.printed_at >= self.every_s:
-                self.print_tasks()
-
-        def advance(self, task_id, advance: float = 1) -> None:
-            self.update(task_id, advance=advance)
-
-        def print_tasks(self) -> None:
-            self.printed_at = time.monotonic()
-            self.console.print(self.make_tasks_table(self.tasks), soft_wrap=True)
-
-    return ProgressLines
+    return progress_bar(*columns, TimeRemainingColumn(), console=out or console, every_s=every_s)
 
 
 MaxStepsOpt = Annotated[

@@ -364,9 +364,11 @@ class _progress:
         self.counts: Counter[str] = Counter()
 
     def __enter__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(
+        from livetalk_ray.progress import progress_bar
+
+        self.bar = progress_bar(
             TextColumn("[bold]prepare"),
             BarColumn(),
             MofNCompleteColumn(),

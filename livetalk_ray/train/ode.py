@@ -31,6 +31,7 @@ from livetalk_ray.diffusion.sampler import reference_condition, sample_teacher
 from livetalk_ray.models.checkpoint import CheckpointError, load_checkpoint
 from livetalk_ray.models.conditioning import negative_text
 from livetalk_ray.models.dit import WanDiT
+from livetalk_ray.progress import progress_bar
 from livetalk_ray.train.loop import Stage
 
 STATES = "ode_states"
@@ -157,7 +158,7 @@ def generate_trajectories(
     process with `use_ray=False`. Finished shards are skipped, so an interrupted job resumes."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
     from livetalk_ray.data.pipeline import write_parquet_atomic
 
@@ -169,7 +170,7 @@ def generate_trajectories(
     todo = [f for f in files if not (out / "shards" / f.name).exists()]
     start = time.perf_counter()
     columns = [TextColumn("[bold]ode"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress) as bar:
+    with progress_bar(*columns, disable=not progress) as bar:
         task = bar.add_task("trajectories", total=sum(rows.values()))
         bar.update(task, completed=sum(rows[f.name] for f in files if f not in todo))
         for name, table in _run_makers(cfg, todo, use_ray):
