@@ -39,6 +39,16 @@ def samples_per_s(run_dir: Path) -> float:
     return statistics.median(r["samples_per_s"] for r in records[5:])
 
 
+def _beside(path: str | None, parent: Path) -> str | None:
+    """`path` relative to `parent` when inside it, else its last three parts."""
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(parent.resolve()):
+        return str(resolved.relative_to(parent.resolve()))
+    return str(Path(*resolved.parts[-3:]))
+
+
 def score_run(run_dir: Path, bar: float, vae: str | None) -> dict:
     """Held-out lip-sync of every checkpoint of a teacher run (same conditions, same noise), decoded with
     `vae` (default: the run's own), plus the floor (an untrained teacher) and the ceiling (the ground-truth
@@ -80,8 +90,9 @@ def score_run(run_dir: Path, bar: float, vae: str | None) -> dict:
     first = next((h for h in history if h["lipsync"] >= bar), None)
     best = max(history, key=lambda h: h["lipsync"])
     return {
-        "run": str(run_dir),
-        "vae": cfg.vae.path,
+        # relative to the run's parent directory: results carry no machine paths
+        "run": Path(run_dir).name,
+        "vae": _beside(cfg.vae.path, Path(run_dir).parent),
         "eval_clips": len(audio),
         "bar": bar,
         "untrained_teacher": floor,
