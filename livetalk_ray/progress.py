@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+from rich import get_console
 from rich.console import Console
 from rich.progress import Progress, ProgressColumn
 
@@ -33,8 +34,9 @@ class ProgressLines(Progress):
 def progress_bar(
     *columns: str | ProgressColumn, console: Console | None = None, every_s: float = 30.0, disable: bool = False
 ) -> Progress:
-    """A live bar on a terminal, progress lines in a log."""
-    console = console or Console()
+    """A live bar on a terminal, progress lines in a log (on rich's shared console unless given one, as a
+    plain `Progress` would be)."""
+    console = console or get_console()
     if console.is_terminal:
         return Progress(*columns, console=console, disable=disable)
     return ProgressLines(*columns, console=console, every_s=every_s, disable=disable)
