@@ -67,6 +67,13 @@ SERVE_LLM_SENTENCES = MetricSpec("livetalk_serve_llm_sentences", "counter", "LLM
 SERVE_SPEECH_SECONDS = MetricSpec(
     "livetalk_serve_speech_seconds", "histogram", "Speech: seconds to synthesize one sentence"
 )
+SERVE_VOICE_TURNS = MetricSpec(
+    "livetalk_serve_voice_turns", "counter", "User turns heard in conversation mode, by how they ended", ("ending",)
+)
+SERVE_BARGE_INS = MetricSpec("livetalk_serve_barge_ins", "counter", "Avatar answers cut because the user spoke")
+SERVE_TURN_TO_SPEECH_SECONDS = MetricSpec(
+    "livetalk_serve_turn_to_speech_seconds", "histogram", "End of the user's turn to the avatar's first speech queued"
+)
 
 # Training: every stage's loop (role = vae | teacher | ode) and the DMD roles and controller.
 TRAIN_STEP_SECONDS = MetricSpec(
@@ -95,6 +102,9 @@ ALL_METRICS = [
     SERVE_LLM_FIRST_SENTENCE_SECONDS,
     SERVE_LLM_SENTENCES,
     SERVE_SPEECH_SECONDS,
+    SERVE_VOICE_TURNS,
+    SERVE_BARGE_INS,
+    SERVE_TURN_TO_SPEECH_SECONDS,
     TRAIN_STEP_SECONDS,
     TRAIN_STEPS,
     TRAIN_SAMPLES_PER_S,

@@ -32,6 +32,7 @@ from livetalk_ray.config.model import (
 )
 from livetalk_ray.config.root import DERIVED_FROM, LiveTalkConfig, derived_model_sizes
 from livetalk_ray.config.serve import (
+    ASRConfig,
     LLMConfig,
     RuntimeConfig,
     ServeConfig,
@@ -80,6 +81,7 @@ __all__ = [
     "RuntimeConfig",
     "SamplerConfig",
     "ServeConfig",
+    "ASRConfig",
     "SpeechConfig",
     "TeacherConfig",
     "TextEncoderConfig",

@@ -23,6 +23,12 @@ class LLMConfig(_Section):
     temperature: float = Field(default=0.7, ge=0.0)
     history_turns: int = Field(default=6, ge=0)  # user/assistant exchanges remembered per session
     system_prompt: str = "You are {persona}. You are talking out loud: answer in one to three short sentences."
+    # Audio-native path (backend openai only): the user's turn goes to the endpoint as audio (an `input_audio`
+    # part, WAV) instead of its transcript, for a Qwen-Omni-class model; when the model answers with audio
+    # (`audio_voice` set: the request asks for text and audio), that audio is spoken as is and Speech is skipped.
+    audio_input: bool = False
+    audio_voice: str | None = None  # e.g. "Chelsie" for Qwen2.5-Omni; None: text answers, spoken by Speech
+    audio_output_rate: int = Field(default=24000, ge=8000)  # Hz of the endpoint's pcm16 audio deltas
 
 
 class SpeechConfig(_Section):
@@ -31,6 +37,30 @@ class SpeechConfig(_Section):
     backend: Literal["espeak"] = "espeak"
     voice: str = "en-us"
     words_per_minute: int = Field(default=165, ge=80, le=450)
+
+
+class ASRConfig(_Section):
+    """Listening in conversation mode (serving/asr.py): voice activity and end of turn by silero-vad, words by
+    `backend`: pocketsphinx (embedded: its wheel carries an en-us model), whisper (a transformers Whisper model
+    from the local directory `path`) or openai (`POST {endpoint}/audio/transcriptions`). Only pocketsphinx gives
+    partial transcripts; the others transcribe each turn once it ends."""
+
+    backend: Literal["pocketsphinx", "whisper", "openai"] = "pocketsphinx"
+    path: str | None = None  # whisper: a local model directory
+    endpoint: str | None = None  # openai: e.g. http://whisper:8000/v1
+    model_name: str = "whisper-1"  # openai: the model id sent to the endpoint
+    api_key_env: str = "OPENAI_API_KEY"
+    language: str = "en"  # whisper and openai
+    vad_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)  # speech probability that counts as speech
+    # Speech this long starts a turn (and interrupts the avatar); shorter sounds (a cough, a click) do not.
+    start_speech_ms: int = Field(default=200, ge=32)
+    end_silence_ms: int = Field(default=600, ge=64)  # silence this long ends the user's turn
+    preroll_ms: int = Field(default=300, ge=0)  # audio before the detected start that is recognised too
+    max_turn_s: float = Field(default=30.0, ge=2.0)  # a longer monologue is cut here (and its parts joined)
+    partial_every_s: float = Field(default=0.5, gt=0.0)  # how often a partial transcript may be sent
+    max_pending_audio_s: float = Field(default=20.0, gt=0.0)  # client audio waiting for the ASR stage
+    # This long a stretch of muted client audio (zeros) is reported once (`no_speech`: a muted or dead microphone).
+    silence_notice_s: float = Field(default=60.0, gt=0.0)
 
 
 class ServeConfig(_Section):
@@ -65,8 +95,14 @@ class ServeConfig(_Section):
     # Browser pages allowed to open a session's WebSocket (scheme://host[:port]); the page's own origin always is.
     allowed_origins: list[str] = Field(default_factory=list)
     messages_per_s: float = Field(default=20.0, gt=0)  # per connection, averaged over a 5 s burst
+    # conversation: the client's microphone is heard (turns, barge-in) and answered; puppet: its audio drives the
+    # lips directly. A session may choose its own at creation.
+    mode: Literal["conversation", "puppet"] = "conversation"
+    # The avatar stops speaking when the user talks over it (`start_speech_ms` of speech).
+    barge_in: bool = True
     llm: LLMConfig = Field(default_factory=LLMConfig)
     speech: SpeechConfig = Field(default_factory=SpeechConfig)
+    asr: ASRConfig = Field(default_factory=ASRConfig)
 
     @property
     def image_limits(self) -> dict[str, float]:

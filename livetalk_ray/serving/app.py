@@ -1,4 +1,4 @@
-"""The Serve application: Ingress → (LLM, Speech, Denoiser, VAEDecoder), wired with handles.
+"""The Serve application: Ingress → (ASR, LLM, Speech, Denoiser, VAEDecoder), wired with handles.
 
 `build_app(cfg, checkpoint)` for Python (`livetalk serve`, tests); `build(args)` is the application builder
 that `serve run` / `serve deploy` / a RayService import (`livetalk_ray.serving.app:build`, args below).
@@ -18,12 +18,13 @@ from ray.serve.config import RequestRouterConfig
 
 from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
-from livetalk_ray.config import LiveTalkConfig, load_config
+from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config, resolve_device
+from livetalk_ray.serving.asr import SAMPLE_RATE, Listener, VoiceActivity, make_recognizer
 from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
-from livetalk_ray.serving.sessions import reap_forever, replica_actor_name
+from livetalk_ray.serving.sessions import SessionTable, reap_forever, replica_actor_name
 from livetalk_ray.serving.speech import Speech
 from livetalk_ray.serving.vae_decoder import VAEDecoder
 
@@ -44,7 +45,7 @@ class LLM:
         bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         self.chat = Chat(config.serve.llm, config.runtime)
-        self.idle_s = config.serve.session_idle_s
+        self.idle_s, self.sample_rate = config.serve.session_idle_s, config.audio.sample_rate
         self.reaper: asyncio.Task | None = None
 
     async def open(self, session_id: str, persona: str, history: list[tuple[str, str]] = ()) -> None:
@@ -52,9 +53,10 @@ class LLM:
             self.reaper = asyncio.create_task(reap_forever(self.chat.sessions, self.idle_s))
         self.chat.open(session_id, persona, history)
 
-    async def reply(self, session_id: str, text: str):
+    async def reply(self, session_id: str, text: str, audio: np.ndarray | None = None):
+        """Sentences (str), or `SpokenSentence`s from a model that speaks; `audio`: the user's turn itself."""
         asked, first = time.monotonic(), True
-        async for sentence in self.chat.reply(session_id, text):
+        async for sentence in self.chat.reply(session_id, text, audio, self.sample_rate):
             if first:
                 metrics.record(metrics.SERVE_LLM_FIRST_SENTENCE_SECONDS, time.monotonic() - asked)
                 first = False
@@ -89,16 +91,59 @@ class SpeechSynth:
         return True
 
 
+class ASR:
+    """Listening (serving/asr.py): per session, voice activity, turn ends and the words; sticky, since a session's
+    ear (VAD state, the turn being recognised) lives on one replica."""
+
+    def __init__(self, cfg: dict) -> None:
+        bind_replica_server_to_node_address()
+        config = LiveTalkConfig.model_validate(cfg)
+        if config.audio.sample_rate != SAMPLE_RATE:
+            raise ConfigError(f"listening needs audio.sample_rate {SAMPLE_RATE}, not {config.audio.sample_rate}")
+        self.cfg = config.serve.asr
+        self.recognizer = make_recognizer(self.cfg, resolve_device(config.runtime))
+        VoiceActivity()  # load silero-vad now: the first session must not wait for it
+        self.sessions = SessionTable("ASR")
+        self.idle_s = config.serve.session_idle_s
+        self.reaper: asyncio.Task | None = None
+
+    async def open(self, session_id: str, keep_audio: bool = False, mid_turn: bool = False) -> None:
+        """`mid_turn`: re-opened after a lost listener; what the user is saying now is not heard (see Listener)."""
+        if self.reaper is None:
+            self.reaper = asyncio.create_task(reap_forever(self.sessions, self.idle_s))
+        listener = await asyncio.to_thread(Listener, self.cfg, self.recognizer, keep_audio, mid_turn=mid_turn)
+        self.sessions.put(session_id, listener)
+
+    async def hear(self, session_id: str, samples: np.ndarray) -> list[dict]:
+        listener = self.sessions.get(session_id)  # SessionLost: the caller re-opens it here
+        started = time.monotonic()
+        events = await asyncio.to_thread(listener.hear, samples)
+        metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - started, stage="listen")
+        return events
+
+    async def close(self, session_id: str) -> None:
+        listener = self.sessions.get(session_id)
+        self.sessions.close(session_id)
+        listener.close()
+
+    async def replica_name(self) -> str:
+        return replica_actor_name()
+
+    async def ping(self) -> bool:
+        return True
+
+
 # Code defaults for one CPU machine; `overrides` (tests) and serve_apps/*.yaml (clusters) replace them by name.
 DEFAULTS: dict[str, dict] = {
     "Denoiser": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
     "VAEDecoder": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.5}},
     "LLM": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.25}},
     "Speech": {"max_ongoing_requests": 16, "ray_actor_options": {"num_cpus": 0.25}},
+    "ASR": {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
     # A WebSocket holds an ingress slot for its whole life: this limit counts connections, not calls.
     "Ingress": {"max_ongoing_requests": 200, "ray_actor_options": {"num_cpus": 0.25}},
 }
-STATEFUL = ("Denoiser", "VAEDecoder", "LLM")  # sticky routing and a long drain for their sessions
+STATEFUL = ("Denoiser", "VAEDecoder", "LLM", "ASR")  # sticky routing and a long drain for their sessions
 
 
 def build_app(
@@ -119,7 +164,8 @@ def build_app(
     denoiser = deployment(Denoiser, "Denoiser").bind(data, ckpt)
     decoder = deployment(VAEDecoder, "VAEDecoder").bind(data)
     llm, speech = deployment(LLM, "LLM").bind(data), deployment(SpeechSynth, "Speech").bind(data)
-    return deployment(Ingress, "Ingress").bind(data, denoiser, decoder, llm, speech)
+    asr = deployment(ASR, "ASR").bind(data)
+    return deployment(Ingress, "Ingress").bind(data, denoiser, decoder, llm, speech, asr)
 
 
 def build(args: dict) -> serve.Application:

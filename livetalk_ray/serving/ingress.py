@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import secrets
 from importlib import resources
+from typing import Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile, WebSocket
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -108,10 +109,10 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 class Ingress:
     """Serve deployment class (made a deployment in serving/app.py)."""
 
-    def __init__(self, cfg: dict, denoiser, decoder, llm, speech) -> None:
+    def __init__(self, cfg: dict, denoiser, decoder, llm, speech, asr) -> None:
         bind_replica_server_to_node_address()
         self.cfg = LiveTalkConfig.model_validate(cfg)
-        self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech}
+        self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech, "asr": asr}
         self.sessions: dict[str, Live] = {}
         self.reaper: asyncio.Task | None = None
         self.releasing: set[asyncio.Task] = set()  # stage releases of ended sessions, still running
@@ -132,6 +133,7 @@ class Ingress:
             "VAEDecoder": h["decoder"].session_count.remote(),
             "LLM": h["llm"].ping.remote(),
             "Speech": h["speech"].ping.remote(),
+            "ASR": h["asr"].ping.remote(),
         }
 
         async def answers(call) -> bool:
@@ -240,6 +242,9 @@ class Ingress:
         persona: str = Form("a friendly assistant", max_length=500),
         prompt: str = Form("A person talks to the camera.", max_length=500),
         seed: int = Form(0, ge=0, le=2**63 - 1),
+        mode: Literal["conversation", "puppet"] | None = Form(
+            None, description="conversation: your audio is heard and answered; puppet: it moves the lips (serve.mode)"
+        ),
     ) -> dict:
         self._auth(request)
         s = self.cfg.serve
@@ -249,10 +254,11 @@ class Ingress:
         try:
             reference = await self._reference(image, portrait)
             session_id = secrets.token_urlsafe(12)
-            spec = SessionSpec(session_id, reference, persona.strip() or "a friendly assistant", prompt, seed)
+            persona = persona.strip() or "a friendly assistant"
+            spec = SessionSpec(session_id, reference, persona, prompt, seed, mode or self.cfg.serve.mode)
             live = Live(spec, self.cfg, self.handles)
             try:
-                await live.open_chat()
+                await asyncio.gather(live.open_chat(), live.open_ear())
             except StageLost as lost:
                 raise HTTPException(503, f"{lost}; try again", headers={"Retry-After": "10"}) from None
             self.sessions[session_id] = live
@@ -266,6 +272,7 @@ class Ingress:
             "fps": self.cfg.video.fps,
             "sample_rate": self.cfg.audio.sample_rate,
             "size": [self.cfg.video.width, self.cfg.video.height],
+            "mode": spec.mode,
             "ws": f"{base}/ws",
             "stream": f"{base}/stream",
         }

@@ -1,6 +1,11 @@
-"""A session as one Ingress replica holds it: the stream's driver, the conversation that feeds it (client text →
-LLM → Speech → the driver's speech queue) and the client's messages (rate-limited, each bad one answered with
-an error event, none able to drop the connection)."""
+"""A session as one Ingress replica holds it: the stream's driver, the conversation that feeds it (client text, or
+in conversation mode the user's voice heard by the ASR stage → LLM → Speech → the driver's speech queue) and the
+client's messages (rate-limited, each bad one answered with an error event, none able to drop the connection).
+
+The avatar's state (`listening`, `thinking`, `speaking`) is published whenever it changes. When the user talks over
+the avatar (conversation mode, `serve.barge_in`), the answer is cut: the turn in flight is cancelled, queued speech
+is dropped, the client hears `interrupted` with the block from which its buffered sound is void, and the chat's
+memory keeps only what the user heard."""
 
 from __future__ import annotations
 
@@ -10,12 +15,16 @@ from collections import deque
 
 from fastapi import WebSocket
 
+from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
+from livetalk_ray.serving.conversation import Ear, ListenBacklog, Turn
+from livetalk_ray.serving.llm import SpokenSentence
 from livetalk_ray.serving.protocol import ProtocolError, error_event, parse_client_audio, parse_client_text
 from livetalk_ray.serving.session import RELEASE_TIMEOUT_S, SessionDriver, SessionSpec, SpeechBacklog
 from livetalk_ray.serving.stage import Stage, StageLost
 
-STAGE_NAMES = {"denoiser": "Denoiser", "decoder": "VAEDecoder", "llm": "LLM", "speech": "Speech"}
+STAGE_NAMES = {"denoiser": "Denoiser", "decoder": "VAEDecoder", "llm": "LLM", "speech": "Speech", "asr": "ASR"}
+MAX_TURNS = 8  # turns waiting to be answered, per session
 
 
 class Live:
@@ -28,14 +37,36 @@ class Live:
         stages = {name: Stage(STAGE_NAMES[name], handle, sid, probe_after_s) for name, handle in handles.items()}
         self.llm, self.speech = stages["llm"], stages["speech"]
         self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
-        self.turns: asyncio.Queue = asyncio.Queue(maxsize=8)
+        self.turns: deque[Turn] = deque()
+        self.turn_ready = asyncio.Event()
+        self.current: Turn | None = None  # the turn being answered
+        self.turn_task: asyncio.Task | None = None
+        self.turns_made = 0  # numbers the speech tags
         # What was said, kept here too: an LLM replica that dies takes its copy along (re-sent to the next one).
         self.history: deque[tuple[str, str]] = deque(maxlen=cfg.serve.llm.history_turns)
         self.talker: asyncio.Task | None = None
+        self.watcher: asyncio.Task | None = None
+        self.state = "listening"
+        self.ear = Ear(self, stages["asr"]) if spec.mode == "conversation" and "asr" in stages else None
 
     def start(self) -> None:
         self.driver.start()
         self.talker = asyncio.create_task(self._talk())
+        self.watcher = asyncio.create_task(self._watch_speaking())
+        if self.ear is not None:
+            self.ear.start()
+        self.driver.publish({"type": "state", "state": self.state, "mode": self.spec.mode})
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.driver.publish({"type": "state", "state": state})
+
+    def add_turn(self, turn: Turn) -> None:
+        if len(self.turns) >= MAX_TURNS:
+            raise asyncio.QueueFull
+        self.turns.append(turn)
+        self.turn_ready.set()
 
     def status(self) -> dict:
         d = self.driver
@@ -48,6 +79,8 @@ class Live:
             "viewers": len(d.subscribers),
             "reprimes": d.reprimes,
             "closed": d.closed.is_set(),
+            "mode": self.spec.mode,
+            "state": self.state,
         }
 
     async def receive(self, ws: WebSocket) -> None:
@@ -63,9 +96,11 @@ class Live:
                     raise ProtocolError(f"more than {s.messages_per_s:g} messages per second")
                 if message.get("bytes") is not None:
                     rate = self.cfg.audio.sample_rate
-                    self.driver.add_speech(
-                        parse_client_audio(message["bytes"], sample_rate, rate, s.max_audio_message_s)
-                    )
+                    samples = parse_client_audio(message["bytes"], sample_rate, rate, s.max_audio_message_s)
+                    if self.ear is not None:  # conversation: heard, not mouthed
+                        self.ear.push(samples)
+                    else:
+                        self.driver.add_speech(samples)
                     continue
                 parsed = parse_client_text(message.get("text") or "", s.max_text_chars)
                 if parsed["type"] == "audio_format":
@@ -73,36 +108,83 @@ class Live:
                 elif parsed["type"] == "prompt":
                     await self.driver.set_prompt(parsed["text"])
                 else:
-                    self.turns.put_nowait(parsed)
+                    self.add_turn(Turn(parsed["type"], parsed["text"]))
             except ProtocolError as exc:
                 await ws.send_json(error_event("bad_message", str(exc)))
-            except SpeechBacklog as exc:
+            except (SpeechBacklog, ListenBacklog) as exc:
                 await ws.send_json(error_event("busy", str(exc)))
             except asyncio.QueueFull:
-                await ws.send_json(error_event("busy", "8 turns are already waiting"))
+                await ws.send_json(error_event("busy", f"{MAX_TURNS} turns are already waiting"))
             except Exception as exc:  # noqa: BLE001 - a bug answering one message must not drop the connection
                 sid = self.spec.session_id
                 await ws.send_json(error_event("internal", "this message failed", session_id=sid, exc=exc))
 
     async def _talk(self) -> None:
-        """Turns in order: `chat` asks the LLM and speaks each sentence as it completes; `say` speaks."""
+        """Turns in order, each in a task of its own so that a barge-in can cancel it and the loop goes on."""
         while True:
-            turn = await self.turns.get()
-            try:
-                if turn["type"] == "say":
-                    await self._speak(turn["text"])
-                    continue
-                self.driver.publish({"type": "transcript", "role": "user", "text": turn["text"]})
-                async for sentence in self._reply(turn["text"]):
-                    self.driver.publish({"type": "transcript", "role": "assistant", "text": sentence})
-                    await self._speak(sentence)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
-                message = str(exc) if isinstance(exc, StageLost) else "this turn could not be answered"
-                self.driver.publish(error_event("turn_failed", message, session_id=self.spec.session_id, exc=exc))
+            while not self.turns:
+                self.turn_ready.clear()
+                await self.turn_ready.wait()
+            self.current = self.turns.popleft()
+            self.turn_task = asyncio.create_task(self._answer(self.current))
+            await asyncio.wait({self.turn_task})
+            self.turn_task = None
 
-    async def _reply(self, text: str):
+    async def _answer(self, turn: Turn) -> None:
+        """`chat` and `voice` ask the LLM and speak each sentence as it completes; `say` speaks."""
+        try:
+            if turn.kind == "say":
+                await self._speak(turn, turn.text)
+                return
+            if turn.kind == "chat":
+                self.driver.publish({"type": "transcript", "role": "user", "text": turn.text})
+            self.set_state("thinking")
+            async for sentence in self._reply(turn.text, turn.audio):
+                text = sentence.text if isinstance(sentence, SpokenSentence) else sentence
+                if text:
+                    self.driver.publish({"type": "transcript", "role": "assistant", "text": text})
+                await self._speak(turn, text, sentence.audio if isinstance(sentence, SpokenSentence) else None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failed turn must not end the session
+            message = str(exc) if isinstance(exc, StageLost) else "this turn could not be answered"
+            self.driver.publish(error_event("turn_failed", message, session_id=self.spec.session_id, exc=exc))
+        finally:
+            if self.state == "thinking":  # nothing was spoken
+                self.set_state("listening")
+
+    async def _watch_speaking(self) -> None:
+        """Back to listening once the last answer has been played (the driver knows when the client plays it)."""
+        while True:
+            await asyncio.sleep(self.cfg.block_seconds / 4)
+            if self.state == "speaking" and self.turn_task is None and not self.driver.speaking():
+                self.set_state("listening")
+
+    async def interrupt(self) -> None:
+        """The user talks over the avatar: cut the answer now (see the module doc)."""
+        turn, task = self.current, self.turn_task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.turns.clear()
+        void_from, played = self.driver.interrupt()
+        metrics.record(metrics.SERVE_BARGE_INS)
+        heard = turn.heard_text(played) if turn is not None else ""
+        if turn is not None and turn.kind == "voice" and not turn.sentences and self.ear is not None:
+            self.ear.carry.insert(0, turn.text)  # cut while thinking: the user had not finished; answer it all
+        if turn is not None and turn.kind != "say" and turn.sentences:
+            if self.history and self.history[-1][0] == turn.text:
+                self.history.pop()
+            if heard:
+                self.history.append((turn.text, heard))
+            try:  # the replica's memory becomes this one (a re-open; the cut stream cannot add to it any more)
+                await self.open_chat()
+            except StageLost:
+                pass  # the next turn re-opens it anyway
+        self.driver.publish({"type": "interrupted", "from_block": void_from, "heard": heard})
+        self.set_state("listening")
+
+    async def _reply(self, text: str, audio=None):
         """The LLM's sentences. An LLM that lost the session (its replica died) is opened again with the memory kept
         here and asked once more, unless part of the answer was already spoken (then that part is remembered)."""
         sid, timeout = self.spec.session_id, self.cfg.serve.stage_timeout_s
@@ -110,8 +192,10 @@ class Live:
         try:
             for attempt in range(2):
                 try:
-                    async for sentence in self.llm.stream("reply", sid, text, timeout=timeout):
-                        said.append(sentence)
+                    async for sentence in self.llm.stream("reply", sid, text, audio, timeout=timeout):
+                        words = sentence.text if isinstance(sentence, SpokenSentence) else sentence
+                        if words:
+                            said.append(words)
                         yield sentence
                     return
                 except StageLost as lost:
@@ -131,8 +215,9 @@ class Live:
         )
         await self.llm.locate(self.cfg.serve.stage_timeout_s)
 
-    async def _speak(self, text: str) -> None:
-        for attempt in range(2):  # stateless: a lost replica's call is simply made again, on another one
+    async def _speak(self, turn: Turn, text: str, samples=None) -> None:
+        """Queue `text` spoken (by the Speech stage, unless the model sent its own `samples`)."""
+        for attempt in range(2 if samples is None else 0):  # stateless: a lost replica's call is made again elsewhere
             try:
                 samples = await self.speech.call("synthesize", text, timeout=self.cfg.serve.stage_timeout_s)
                 break
@@ -140,18 +225,35 @@ class Live:
                 if attempt:
                     raise
                 self.driver.publish({"type": "recovering", "stage": "Speech", "reason": f"{lost}; trying again"})
-        await self.driver.add_speech_when_room(samples)
+        self.turns_made += 1
+        tag = (id(turn), self.turns_made)
+        await self.driver.add_speech_when_room(samples, tag)
+        turn.sentences.append((tag, text, len(samples)))
+        if turn.heard_at is not None and len(turn.sentences) == 1:
+            metrics.record(metrics.SERVE_TURN_TO_SPEECH_SECONDS, time.monotonic() - turn.heard_at)
+        self.set_state("speaking")
         self.driver.publish({"type": "speech", "text": text, "seconds": len(samples) / self.cfg.audio.sample_rate})
+
+    async def open_ear(self) -> None:
+        """Open the session's listener on an ASR replica (conversation mode)."""
+        if self.ear is not None:
+            await self.ear.open()
 
     async def stop(self, reason: str = "ended") -> None:
         """End the session now for its viewers; `release` frees the stages (it may take longer)."""
-        if self.talker is not None:
-            self.talker.cancel()
+        for task in (self.talker, self.watcher, self.turn_task):
+            if task is not None:
+                task.cancel()
+        if self.ear is not None:
+            self.ear.stop()
         await self.driver.stop(reason)
 
     async def release(self) -> None:
-        llm = self.llm.call("close", self.spec.session_id, timeout=RELEASE_TIMEOUT_S)
-        await asyncio.gather(self.driver.release(), llm, return_exceptions=True)
+        sid = self.spec.session_id
+        calls = [self.driver.release(), self.llm.call("close", sid, timeout=RELEASE_TIMEOUT_S)]
+        if self.ear is not None:
+            calls.append(self.ear.stage.call("close", sid, timeout=RELEASE_TIMEOUT_S))
+        await asyncio.gather(*calls, return_exceptions=True)
 
 
 class _Bucket:

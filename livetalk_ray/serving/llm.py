@@ -9,6 +9,7 @@ SmolLM2-135M-Instruct GGUF by default) or from an OpenAI-compatible endpoint (vL
 from __future__ import annotations
 
 import asyncio
+import base64
 import importlib.util
 import json
 import os
@@ -16,13 +17,16 @@ import re
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+import numpy as np
 
 from livetalk_ray.config import ConfigError, LLMConfig, RuntimeConfig, resolve_device, resolve_dtype
 from livetalk_ray.serving.sessions import SessionLost, SessionTable
 
-Message = dict[str, str]
+Message = dict[str, Any]  # {"role", "content"}: content is text, or a list of parts (text, input_audio)
 
 # A run of . ! ? (and closing quotes/brackets) is a sentence end only once the next character is whitespace,
 # which keeps decimals (3.5) and dotted names (example.com) whole; a newline always ends one.
@@ -89,8 +93,16 @@ class LLMError(RuntimeError):
     """The language model could not answer (endpoint unreachable or failing, generation crashed)."""
 
 
+@dataclass
+class SpokenSentence:
+    """A sentence an audio-native model said itself: its transcript and its audio (float32 at the session's rate)."""
+
+    text: str
+    audio: np.ndarray
+
+
 class _Backend(Protocol):
-    def stream(self, messages: list[Message]) -> AsyncIterator[str]: ...
+    def stream(self, messages: list[Message]) -> AsyncIterator[str | np.ndarray]: ...  # text, or audio samples
 
 
 class _Session:
@@ -108,6 +120,8 @@ class Chat:
 
     def __init__(self, cfg: LLMConfig, runtime: RuntimeConfig | None = None) -> None:
         self.cfg = cfg
+        if cfg.audio_input and cfg.backend != "openai":
+            raise ConfigError("serve.llm.audio_input needs backend openai (an endpoint serving an audio-native model)")
         runtime = runtime or RuntimeConfig()
         self.backend: _Backend = (
             TransformersBackend(cfg, runtime) if cfg.backend == "transformers" else OpenAIBackend(cfg)
@@ -140,29 +154,58 @@ class Chat:
             out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         return out + [{"role": "user", "content": user_text}]
 
-    def reply(self, session_id: str, user_text: str) -> AsyncIterator[str]:
-        if not user_text.strip():
+    def reply(
+        self, session_id: str, user_text: str, audio: np.ndarray | None = None, sample_rate: int = 16000
+    ) -> AsyncIterator[str | SpokenSentence]:
+        """Sentences of the answer to `user_text`, or (audio_input) to the user's `audio`, `user_text` being its
+        transcript for the memory. A model that answers with audio yields `SpokenSentence`s."""
+        if audio is None and not user_text.strip():
             raise ValueError("user text is empty")
+        if audio is not None and not self.cfg.audio_input:
+            raise ValueError("this chat takes text (serve.llm.audio_input is off)")
         messages = self.messages(session_id, user_text.strip())
-        return self._sentences(session_id, messages)
+        if audio is not None:  # the model hears the turn itself; the memory keeps its transcript
+            from livetalk_ray.serving.asr import wav_bytes
 
-    async def _sentences(self, session_id: str, messages: list[Message]) -> AsyncIterator[str]:
+            wav = base64.b64encode(wav_bytes(audio, sample_rate)).decode()
+            messages[-1] = {
+                "role": "user",
+                "content": [{"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}],
+            }
+        remembered = user_text.strip() or "(spoken audio)"
+        return self._sentences(self._session(session_id), messages, remembered, sample_rate)
+
+    async def _sentences(
+        self, session: _Session, messages: list[Message], user_text: str, sample_rate: int
+    ) -> AsyncIterator[str | SpokenSentence]:
         buffer = SentenceBuffer()
         said: list[str] = []
+        sound: list[np.ndarray] = []  # audio the model sent since the last sentence it finished
+
+        def spoken(sentence: str) -> str | SpokenSentence:
+            said.append(sentence)
+            if not sound:
+                return sentence
+            audio = np.concatenate(sound)
+            sound.clear()
+            return SpokenSentence(sentence, _resample(audio, self.cfg.audio_output_rate, sample_rate))
+
         try:
             async for piece in self.backend.stream(messages):
+                if isinstance(piece, np.ndarray):
+                    sound.append(piece)
+                    continue
                 for sentence in buffer.feed(piece):
-                    said.append(sentence)
-                    yield sentence
+                    yield spoken(sentence)
             for sentence in buffer.flush():
-                said.append(sentence)
-                yield sentence
+                yield spoken(sentence)
+            if sound and said:  # audio after the last transcript piece belongs to the last sentence
+                yield SpokenSentence("", _resample(np.concatenate(sound), self.cfg.audio_output_rate, sample_rate))
         finally:
+            # The session object this turn began with: a chat re-opened meanwhile (with what was actually heard,
+            # after an interruption) is not changed by a turn that was cut.
             if said:
-                try:  # it may have been closed or reaped meanwhile
-                    self.sessions.get(session_id).history.append((messages[-1]["content"], " ".join(said)))
-                except SessionLost:
-                    pass
+                session.history.append((user_text, " ".join(said)))
 
     def _session(self, session_id: str) -> _Session:
         try:
@@ -265,7 +308,7 @@ class OpenAIBackend:
         self.cfg = cfg
         self.url = cfg.endpoint.rstrip("/") + "/chat/completions"
 
-    async def stream(self, messages: list[Message]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[Message]) -> AsyncIterator[str | np.ndarray]:
         import httpx
 
         body: dict[str, Any] = {
@@ -276,6 +319,9 @@ class OpenAIBackend:
         }
         if self.cfg.model_name:
             body["model"] = self.cfg.model_name
+        if self.cfg.audio_voice:  # OpenAI's audio chat fields, which vLLM's Qwen-Omni serving follows
+            body["modalities"] = ["text", "audio"]
+            body["audio"] = {"voice": self.cfg.audio_voice, "format": "pcm16"}
         headers = {"Accept": "text/event-stream"}
         key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         if key:
@@ -289,18 +335,22 @@ class OpenAIBackend:
                     detail = (await response.aread()).decode(errors="replace")[:300]
                     raise LLMError(f"LLM endpoint {self.url} answered {response.status_code}: {detail}")
                 async for line in response.aiter_lines():
-                    text = self._delta(line)
-                    if text is None:
+                    delta = self._delta(line)
+                    if delta is None:
                         break
+                    text, pcm = delta
+                    if pcm:
+                        yield np.frombuffer(pcm[: len(pcm) // 2 * 2], dtype="<i2").astype(np.float32) / 32767
                     if text:
                         yield text
         except httpx.HTTPError as exc:
             raise LLMError(f"LLM endpoint {self.url} failed: {type(exc).__name__}: {exc}") from exc
 
-    def _delta(self, line: str) -> str | None:
-        """The text of one SSE line ("" for comments, keep-alives and role-only chunks); None at [DONE]."""
+    def _delta(self, line: str) -> tuple[str, bytes] | None:
+        """The text and audio (pcm16 bytes) of one SSE line (empty for comments, keep-alives and role-only chunks);
+        None at [DONE]. An audio answer's words come as `delta.audio.transcript`, its sound as `delta.audio.data`."""
         if not line.startswith("data:"):
-            return ""
+            return "", b""
         data = line[len("data:") :].strip()
         if data == "[DONE]":
             return None
@@ -310,4 +360,20 @@ class OpenAIBackend:
             raise LLMError(f"LLM endpoint {self.url} sent an event that is not JSON: {data[:200]!r}") from None
         if "error" in chunk:
             raise LLMError(f"LLM endpoint {self.url} reported an error: {chunk['error']}")
-        return "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or [])
+        text, pcm = [], []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            audio = delta.get("audio") or {}
+            text.append(delta.get("content") or audio.get("transcript") or "")
+            if audio.get("data"):
+                try:
+                    pcm.append(base64.b64decode(audio["data"]))
+                except ValueError:
+                    raise LLMError(f"LLM endpoint {self.url} sent audio that is not base64") from None
+        return "".join(text), b"".join(pcm)
+
+
+def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    from livetalk_ray.media import resample_mono
+
+    return resample_mono(audio.astype(np.float32), rate, target)

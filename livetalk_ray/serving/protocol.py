@@ -20,8 +20,17 @@ message is short and safe to show, and an incident id (on failures of the server
 server log line that holds the details. After a session's last event `{"type": "closed", "reason": CODE}` the
 server closes the WebSocket with one of `CLOSE_CODES`.
 
+Conversation (serving/live.py, serving/conversation.py): `{"type": "state", "state": "listening" | "thinking" |
+"speaking"}` whenever the avatar's state changes (the first one also names the session's `mode`);
+`{"type": "transcript", "role": "user" | "assistant", "text", "final"}` for what was heard (partial ones while the
+user speaks, `final: true` at the end of the turn, `cut: true` when a monologue was cut) and what the avatar says;
+`{"type": "interrupted", "from_block": K, "heard"}` when the user talked over the avatar: the sound of blocks K and
+later is void (stop playing it; their frames may still be shown), and `heard` is the part of the answer the user
+heard, which is all the chat remembers of it.
+
 Client → server: JSON text `{"type": "chat" | "say" | "prompt", "text": ...}`, `{"type": "audio_format",
-"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}`, and binary messages of PCM in that format.
+"encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}`, and binary messages of PCM in that format: in
+conversation mode (the default) the avatar listens to it; in puppet mode it moves the avatar's lips.
 """
 
 from __future__ import annotations
@@ -38,9 +47,12 @@ AUDIO_ENCODING = "pcm_s16le"
 ERROR_CODES = {
     # the client's doing: the session goes on
     "bad_message": "a message the server cannot use (malformed, unknown type, too long, too fast)",
-    "busy": "too much is waiting already (queued speech, chat turns); send it later",
+    "busy": "too much is waiting already (queued speech, chat turns, audio to hear); send it later",
+    "no_speech": "the client's audio was muted (zeros) for serve.asr.silence_notice_s: a muted or dead microphone",
+    "turn_too_long": "the user spoke past serve.asr.max_turn_s without a pause; the avatar answers at the next pause",
     # the server's: the session goes on
     "turn_failed": "one chat turn could not be answered or spoken; later turns are tried afresh",
+    "not_heard": "speech that arrived while the ASR stage was restarting was not heard; say it again",
     # the session ends after these
     "session_lost": "a stage lost the session more often than serve.max_reprimes allows, or could not re-prime it",
     "too_slow": "this viewer read too slowly and was dropped (other viewers go on)",

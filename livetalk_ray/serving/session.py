@@ -44,6 +44,7 @@ class SessionSpec:
     persona: str
     prompt: str
     seed: int
+    mode: str = "conversation"  # conversation: the client's audio is heard and answered; puppet: it moves the lips
     created: float = field(default_factory=time.monotonic)
 
 
@@ -90,8 +91,17 @@ class SessionDriver:
     def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, denoiser: Stage, decoder: Stage) -> None:
         self.spec, self.cfg = spec, cfg
         self.denoiser, self.decoder = denoiser, decoder
-        self.speech: deque[np.ndarray] = deque()
+        self.speech: deque[tuple[np.ndarray, object]] = deque()  # (samples, tag): what is still to be spoken
         self.queued_samples = 0  # total length of `speech`, kept so the backlog check is O(1)
+        self.in_flight: deque[list] = deque()  # [block, its decode task, its sound, its speech parts], oldest first
+        # Published blocks that carried tagged speech: (index, when the client plays it, seconds, parts), so an
+        # interruption knows what was heard. The play time follows the page's own scheduling rule (app.js).
+        self.heard_log: deque[tuple[int, float, float, list]] = deque(maxlen=64)
+        self.client_base: float | None = None
+        # Audio pushed to the Denoiser ahead of the blocks made so far (its window reaches past a block), and where
+        # each answer's speech lies in it: (first sample, tag, samples).
+        self.pushed: SampleBuffer | None = None
+        self.pushed_tags: deque[tuple[int, object, int]] = deque()
         self.subscribers: list[Subscriber] = []
         self.frames_made = 0  # over the whole session, across re-primes
         self.blocks_published = 0
@@ -109,22 +119,23 @@ class SessionDriver:
         self.pace_origin = time.monotonic()  # wall-clock time of frame 0 of the stream as it is paced now
 
     # ---- inputs
-    def add_speech(self, samples: np.ndarray) -> None:
+    def add_speech(self, samples: np.ndarray, tag: object = None) -> None:
         """Queue speech; it starts at the next block the driver prepares. Refused (`SpeechBacklog`) past
-        `serve.max_queued_speech_s`: a client may not queue hours of audio faster than it is spoken."""
+        `serve.max_queued_speech_s`: a client may not queue hours of audio faster than it is spoken. `tag` names
+        the speech (a sentence of a reply) in `interrupt`'s account of what was heard."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         limit = self.cfg.serve.max_queued_speech_s
         if self.queued_speech_s() + len(samples) / self.cfg.audio.sample_rate > limit:
             raise SpeechBacklog(f"{self.queued_speech_s():.1f} s of speech are already waiting (limit {limit:g} s)")
-        self.speech.append(samples)
+        self.speech.append((samples, tag))
         self.queued_samples += len(samples)
         self.last_activity = time.monotonic()
 
-    async def add_speech_when_room(self, samples: np.ndarray, poll_s: float = 0.1) -> None:
+    async def add_speech_when_room(self, samples: np.ndarray, tag: object = None, poll_s: float = 0.1) -> None:
         """`add_speech` for the server's own speech (chat replies): waits while the backlog is full."""
         while True:
             try:
-                self.add_speech(samples)
+                self.add_speech(samples, tag)
                 return
             except SpeechBacklog:
                 too_long = len(samples) / self.cfg.audio.sample_rate > self.cfg.serve.max_queued_speech_s
@@ -147,20 +158,55 @@ class SessionDriver:
         except StageLost:
             pass
 
-    def _take_audio(self, n: int) -> np.ndarray:
-        out = np.zeros(max(n, 0), np.float32)  # silence where no speech is queued
-        filled = 0
+    def _take_audio(self, n: int) -> tuple[np.ndarray, list[tuple[object, int]]]:
+        """The next `n` samples of queued speech (silence where none is queued), and the (tag, samples) it holds."""
+        out = np.zeros(max(n, 0), np.float32)
+        filled, parts = 0, []
         while filled < n and self.speech:
-            head = self.speech[0]
+            head, tag = self.speech[0]
             take = min(len(head), n - filled)
             out[filled : filled + take] = head[:take]
             filled += take
+            if tag is not None:
+                parts.append((tag, take))
             if take == len(head):
                 self.speech.popleft()
             else:
-                self.speech[0] = head[take:]
+                self.speech[0] = (head[take:], tag)
         self.queued_samples -= filled
-        return out
+        return out, parts
+
+    def speaking(self) -> bool:
+        """Whether tagged speech is queued, in a block not yet published, or published and not yet played."""
+        now = time.monotonic()
+        return (
+            any(tag is not None for _, tag in self.speech)
+            or bool(self.pushed_tags)
+            or any(parts for *_, parts in self.in_flight)
+            or any(parts and start + seconds > now for _, start, seconds, parts in self.heard_log)
+        )
+
+    def interrupt(self) -> tuple[int, dict[object, int]]:
+        """Stop speaking at once (the user talked over the avatar): queued speech is dropped, and blocks not yet
+        published lose their sound. Returns the index of the first published block whose sound the client must
+        not play (it plays now or later), and per tag the samples the client has played."""
+        self.speech.clear()
+        self.queued_samples = 0
+        if self.pushed is not None:  # pushed ahead to the Denoiser (its audio window), not yet in a block
+            self.pushed.samples[:] = 0
+            self.pushed_tags.clear()
+        for entry in self.in_flight:
+            entry[2] = np.zeros_like(entry[2])
+            entry[3] = []
+        now, void_from, heard = time.monotonic(), self.blocks_published, {}
+        for index, start, seconds, parts in self.heard_log:
+            played = float(np.clip((now - start) / seconds, 0.0, 1.0)) if seconds > 0 else 1.0
+            if played < 1.0:
+                void_from = min(void_from, index)
+            for tag, samples in parts:
+                heard[tag] = heard.get(tag, 0) + int(round(samples * played))
+        self.heard_log.clear()
+        return void_from, heard
 
     # ---- outputs
     def subscribe(self) -> Subscriber:
@@ -250,46 +296,55 @@ class SessionDriver:
             "open", s.session_id, s.image, s.prompt, s.seed, timeout=self.cfg.serve.open_timeout_s
         )
         pushed, heard = 0, SampleBuffer()  # this stream's pushed audio, on the Denoiser stream's own timeline
+        self.pushed, self.pushed_tags = heard, deque()
         self.pace_origin = time.monotonic() - self.frames_made / fps  # a re-primed stream does not race to catch up
         self._mark("primed_s")
         await self.denoiser.locate(timeout)
-        in_flight: deque[tuple] = deque()  # (block, its decode task), oldest first
+        in_flight = self.in_flight
         try:
             while not self.closed.is_set():
                 await self._pace()
-                audio = self._take_audio(needed - pushed)
+                audio, parts = self._take_audio(needed - pushed)
                 pushed = needed
+                start = heard.pushed
+                for tag, n in parts:  # where each answer's speech lies on the stream's timeline
+                    self.pushed_tags.append((start, tag, n))
+                    start += n
                 heard.push(audio)
                 called, self.waiting_for = time.monotonic(), self.denoiser.name
                 block, needed = await self.denoiser.call("next_block", s.session_id, audio, timeout=timeout)
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
-                sound = self._block_sound(heard, block)
-                in_flight.append((block, asyncio.create_task(self._decode(block)), sound))
+                sound, parts = self._block_sound(heard, block)
+                in_flight.append([block, asyncio.create_task(self._decode(block)), sound, parts])
                 # Publish the oldest block once `blocks_in_flight` are out. Block 0 always at once: the first frame
                 # is what a user waits for, and block 1 is not due until block 0 has played.
                 while in_flight and (len(in_flight) >= self.cfg.serve.blocks_in_flight or block.index == 0):
-                    await self._publish_block(*in_flight[0], fps)
-                    in_flight.popleft()
+                    await self._publish_oldest(fps)
                 if block.index == 0:
                     await self.decoder.locate(timeout)
             while in_flight:
-                await self._publish_block(*in_flight[0], fps)
-                in_flight.popleft()
+                await self._publish_oldest(fps)
         finally:  # no decode outlives its stream (a lost stage, a closed session): cancelled, and awaited
-            for _, task, _ in in_flight:
+            tasks = [task for _, task, *_ in in_flight]
+            in_flight.clear()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*(task for _, task, _ in in_flight), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _block_sound(self, heard: SampleBuffer, block) -> np.ndarray:
-        """The pushed audio under the block's frames (silence past it), for the client to play with them."""
+    def _block_sound(self, heard: SampleBuffer, block) -> tuple[np.ndarray, list[tuple[object, int]]]:
+        """The pushed audio under the block's frames (silence past it), for the client to play with them, and the
+        samples of each tagged answer in it."""
         rate, fps = self.cfg.audio.sample_rate, self.cfg.video.fps
         s0 = sample_at_frame(block.first_frame, rate, fps)
         s1 = sample_at_frame(block.first_frame + block.num_frames, rate, fps)
         sound = heard.between(s0, s1)
         heard.drop_before(s1)  # blocks come in order: earlier audio is never read again
-        return sound
+        parts = [(tag, min(s1, a + n) - max(s0, a)) for a, tag, n in self.pushed_tags if a < s1 and a + n > s0]
+        while self.pushed_tags and self.pushed_tags[0][0] + self.pushed_tags[0][2] <= s1:
+            self.pushed_tags.popleft()
+        return sound, parts
 
     async def _pace(self) -> None:
         """Wait while the stream is more than lead_blocks ahead of the wall clock."""
@@ -303,9 +358,12 @@ class SessionDriver:
             except TimeoutError:
                 pass
 
-    async def _publish_block(self, block, frames: asyncio.Task, sound: np.ndarray, fps: int) -> None:
+    async def _publish_oldest(self, fps: int) -> None:
+        """Wait for the oldest block in flight to be decoded, then publish it with its sound."""
         self.waiting_for = self.decoder.name
+        block, frames = self.in_flight[0][:2]
         jpegs = await frames
+        _, _, sound, parts = self.in_flight.popleft()  # read after the wait: an interruption may have muted it
         self.waiting_for, self.last_published, self.failed_reprimes = "pacing", time.monotonic(), 0
         self._mark("decoded_s")
         header = {
@@ -320,6 +378,11 @@ class SessionDriver:
             metrics.record(metrics.SERVE_FIRST_FRAME_SECONDS, self.first_frame_s)
             self.publish({"type": "first_frame", "latency_s": self.first_frame_s, **self.first_frame_marks})
         self.publish(encode_block(header, jpegs, sound))
+        now, at, seconds = time.monotonic(), self.frames_published / fps, len(jpegs) / fps
+        if self.client_base is None or self.client_base + at < now + 0.05:  # app.js: a late block restarts the clock
+            self.client_base = now + 0.25 - at
+        if parts:
+            self.heard_log.append((self.blocks_published, self.client_base + at, seconds, parts))
         self.blocks_published += 1
         self.frames_published += len(jpegs)
         metrics.record(metrics.SERVE_BLOCKS)

@@ -11,7 +11,8 @@ from livetalk_ray.config import load_config
 
 TOKEN = "test-token-123"
 SMALL = {
-    name: {"ray_actor_options": {"num_cpus": 0.2}} for name in ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")
+    name: {"ray_actor_options": {"num_cpus": 0.2}}
+    for name in ("Denoiser", "VAEDecoder", "LLM", "Speech", "ASR", "Ingress")
 }
 
 

@@ -176,7 +176,7 @@ def test_websockets_from_foreign_pages_are_refused(server):
 
 
 def test_queued_speech_is_bounded_with_a_busy_event(server):
-    session = open_session(server)
+    session = open_session(server, mode="puppet")  # its audio moves the lips: speech queued to be mouthed
     ten_seconds = (0.1 * np.sin(np.arange(160_000) / 8)).astype("<i2").tobytes()  # under the 10 s message cap
     with connect(ws_url(server, session)) as ws:
         ws.send(json.dumps({"type": "audio_format", "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}))

@@ -229,3 +229,50 @@ def test_idle_chat_sessions_are_reaped(endpoint: str) -> None:
     with pytest.raises(UnknownSession):
         chat.close("gone")
     chat.close("kept")
+
+
+# --- the audio-native path: the user's turn as audio in, the model's own speech out ---------------------------
+
+
+def test_an_audio_native_model_hears_the_turn_and_its_speech_is_kept() -> None:
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+
+    from livetalk_ray.serving.llm import SpokenSentence
+    from tests.serving.fake_openai import AUDIO_RATE, FakeOpenAI, fake_openai
+
+    question = (0.1 * np.sin(np.arange(16000) / 4)).astype(np.float32)  # 1 s "spoken" at 16 kHz
+    with fake_openai() as url:
+        cfg = LLMConfig(backend="openai", endpoint=url, audio_input=True, audio_voice="Chelsie")
+        chat = Chat(cfg)
+        chat.open("s", "a dragon expert")
+        said = _collect(chat.reply("s", "tell me about dragons", question, 16000))
+        body = FakeOpenAI.requests[0]["body"]
+    assert body["modalities"] == ["text", "audio"] and body["audio"] == {"voice": "Chelsie", "format": "pcm16"}
+    part = body["messages"][-1]["content"][0]
+    assert body["messages"][-1]["role"] == "user" and part["type"] == "input_audio"
+    with wave.open(io.BytesIO(base64.b64decode(part["input_audio"]["data"]))) as w:
+        assert (w.getframerate(), w.getnframes()) == (16000, 16000)  # the turn itself, as WAV
+    assert all(isinstance(s, SpokenSentence) for s in said)
+    assert [s.text for s in said] == ["Dragons are big.", "They fly far."]
+    # 3 pieces of 0.25 s at 24 kHz, resampled to the session's 16 kHz: all of it is spoken, nothing synthesised
+    assert abs(sum(len(s.audio) for s in said) - 3 * AUDIO_RATE // 4 * 16000 // AUDIO_RATE) <= 64
+    # the memory holds the transcript of the user's turn and the words the model spoke
+    assert chat.messages("s", "x")[1:3] == [
+        {"role": "user", "content": "tell me about dragons"},
+        {"role": "assistant", "content": "Dragons are big. They fly far."},
+    ]
+
+
+def test_audio_input_needs_an_endpoint_and_text_chats_refuse_audio(endpoint: str) -> None:
+    import numpy as np
+
+    with pytest.raises(ConfigError, match="audio_input needs backend openai"):
+        Chat(LLMConfig(audio_input=True))
+    chat = Chat(LLMConfig(backend="openai", endpoint=endpoint))
+    chat.open("s", "a robot")
+    with pytest.raises(ValueError, match="audio_input is off"):
+        chat.reply("s", "hi", np.zeros(160, np.float32))

@@ -3,7 +3,7 @@
 // (the AudioContext's), so lips and voice stay in sync. See livetalk_ray/serving/protocol.py.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { ws: null, session: null, audio: null, base: null, frames: [], shown: [], gaps: [], lastBlock: null, picked: null, mic: null, blocks: 0, audioBlocks: 0, drawn: 0 };
+const state = { ws: null, session: null, audio: null, base: null, frames: [], shown: [], gaps: [], lastBlock: null, picked: null, mic: null, blocks: 0, audioBlocks: 0, drawn: 0, sources: [], avatar: null, interruptions: 0, heard: [] };
 window.livetalk = state; // tests read the counters
 
 function log(text, cls) {
@@ -41,6 +41,7 @@ async function start() {
   const file = $("upload").files[0];
   if (file) form.append("image", file); else form.append("portrait", state.picked || "ada");
   form.append("persona", $("persona").value);
+  form.append("mode", $("mode").value);
   $("start").disabled = true;
   const res = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders() });
   const body = await res.json();
@@ -65,7 +66,13 @@ function setLive(live) {
 }
 
 function onEvent(ev) {
-  if (ev.type === "transcript") log(`${ev.role === "user" ? "you" : "avatar"}: ${ev.text}`, ev.role === "user" ? "you" : "avatar");
+  if (ev.type === "transcript" && ev.role === "user" && ev.final === false) { $("partial").textContent = `you: ${ev.text} …`; return; }
+  if (ev.type === "transcript") {
+    if (ev.role === "user") { $("partial").textContent = ""; state.heard.push(ev.text); }
+    if (ev.text) log(`${ev.role === "user" ? "you" : "avatar"}: ${ev.text}`, ev.role === "user" ? "you" : "avatar");
+  }
+  else if (ev.type === "state") { state.avatar = ev.state; $("state").textContent = ev.state; $("state").className = ev.state; }
+  else if (ev.type === "interrupted") { interrupt(ev.from_block); log(`(interrupted: you heard "${ev.heard}")`); }
   else if (ev.type === "first_frame") { state.firstFrame = ev.latency_s; log(`first frame after ${ev.latency_s.toFixed(2)} s`); }
   else if (ev.type === "error") log(`error (${ev.code}): ${ev.message}${ev.incident ? " [incident " + ev.incident + "]" : ""}`, "err");
   else if (ev.type === "reprimed") log(`stream re-primed: ${ev.reason}`, "err");
@@ -100,11 +107,22 @@ async function onBlock(buffer) {
     source.buffer = audio;
     source.connect(ctx.destination);
     source.start(state.base + at);
+    state.sources.push({ index: header.index, source });
+    state.sources = state.sources.filter((s) => s.index > header.index - 16);
     state.audioBlocks += 1;
   }
   state.blocks += 1;
   const images = await Promise.all(bitmaps);
   images.forEach((image, i) => state.frames.push({ time: state.base + at + i / header.fps, image }));
+}
+
+// The user talked over the avatar: the sound of blocks from `fromBlock` on is void. Their frames stay (hiding them
+// would freeze the picture until the next block). Blocks come in order, so every block with void sound arrived
+// before the event; the server sends the ones after it without the cut speech.
+function interrupt(fromBlock) {
+  for (const s of state.sources) if (s.index >= fromBlock) s.source.stop();
+  state.sources = state.sources.filter((s) => s.index < fromBlock);
+  state.interruptions += 1;
 }
 
 function draw() {
@@ -137,8 +155,9 @@ function send(type) {
 }
 
 async function toggleMic() {
-  if (state.mic) { state.mic.stop(); state.mic = null; $("mic").textContent = "Microphone"; return; }
-  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
+  if (state.mic) { state.mic.stop(); state.mic = null; $("mic").textContent = "Talk (microphone)"; return; }
+  // Echo cancellation: in conversation mode the avatar's own voice from the speakers must not interrupt it.
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true } });
   const ctx = new AudioContext({ sampleRate: state.session.sample_rate });
   const source = ctx.createMediaStreamSource(stream);
   const node = ctx.createScriptProcessor(4096, 1, 1);
