@@ -1,6 +1,6 @@
 """Chaos benchmark on loopback: `livetalk serve` (toy preset, shipped weights) as a real process, N paced sessions
 for M minutes, and every K seconds all replicas of one random stage killed (Denoiser, VAEDecoder, LLM, Speech,
-Ingress). Each session chats, changes its prompt and uploads audio now and then. After every kill each session
+ASR, Ingress). Each session chats, changes its prompt and uploads audio now and then. After every kill each session
 is judged (livetalk_ray/serving/chaos.py): resumed, ended with an error event and a close code, or stalled
 (a gap over two block times nobody was told about) or dropped (1006). Ended sessions are replaced.
 

@@ -42,7 +42,7 @@ from rich.table import Table  # noqa: E402
 SMALL = {"ray_actor_options": {"num_cpus": 0.1}}
 DEPLOYMENT = {
     "VAEDecoder": {**SMALL, "num_replicas": 2},
-    **{n: SMALL for n in ("Denoiser", "LLM", "Speech", "Ingress")},
+    **{n: SMALL for n in ("Denoiser", "LLM", "Speech", "ASR", "Ingress")},
 }
 ORIGIN = ""  # http://127.0.0.1:<port>, set by main
 TTFF_PROBES = 5  # fresh sessions per round for the first-block latency (in process and through Serve)

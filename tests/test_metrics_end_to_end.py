@@ -77,7 +77,7 @@ def serve_sessions_losing_the_denoiser() -> None:
     cfg = load_config("toy", overrides=["model.num_layers=2", "serve.max_reprimes=1", "serve.open_timeout_s=3"])
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    overrides = {n: small for n in ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")}
+    overrides = {n: small for n in ("Denoiser", "VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
     serve.run(build_app(cfg, overrides=overrides), name="metrics", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     try:

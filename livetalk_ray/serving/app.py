@@ -20,6 +20,7 @@ from livetalk_ray import metrics
 from livetalk_ray.assets import with_embedded_weights
 from livetalk_ray.config import ConfigError, LiveTalkConfig, load_config, resolve_device
 from livetalk_ray.serving.asr import SAMPLE_RATE, Listener, VoiceActivity, make_recognizer
+from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
 from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
@@ -120,6 +121,13 @@ class ASR:
         events = await asyncio.to_thread(listener.hear, samples)
         metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - started, stage="listen")
         return events
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Sessions held (their listeners), for the SessionLoad autoscaling policy."""
+        return {SESSIONS_METRIC: float(len(self.sessions))}
+
+    async def check_health(self) -> None:
+        metrics.record(metrics.SERVE_SESSIONS, len(self.sessions), deployment="ASR")
 
     async def close(self, session_id: str) -> None:
         listener = self.sessions.get(session_id)

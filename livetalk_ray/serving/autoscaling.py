@@ -7,7 +7,7 @@ is its sessions (cache memory, one block of compute each per block period), so t
 `ceil(sessions / sessions_per_replica)` replicas. Serve still applies min/max, scaling factors and the
 up/down delays around it.
 
-Replicas report their session count through `record_autoscaling_stats` (Denoiser and VAEDecoder). Use in
+Replicas report their session count through `record_autoscaling_stats` (Denoiser, VAEDecoder and ASR). Use in
 a deployment's `autoscaling_config`:
 
     policy:

@@ -16,9 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from livetalk_ray.serving.protocol import decode_block
 
-STAGES = ("Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress")
+STAGES = ("Denoiser", "VAEDecoder", "LLM", "Speech", "ASR", "Ingress")
 RESUMED_BLOCKS = 4  # blocks after a kill, with no event, that show a stream was not hit (in-flight ones included)
 
 
@@ -35,6 +37,21 @@ def kill_replicas(stage: str, app: str = "livetalk") -> list[str]:
             except ValueError:  # died meanwhile
                 pass
     return killed
+
+
+SPEECH_LEVEL = 0.03  # a block whose sound reaches this is speaking (the stream is silent, or speech, nothing else)
+
+
+def block_detail(header: dict, pcm: np.ndarray) -> dict:
+    """What a viewer keeps of a block: its place in the stream, how loud it is, and where speech starts in it."""
+    loud = np.flatnonzero(np.abs(pcm) >= SPEECH_LEVEL)
+    return {
+        "index": header["index"],
+        "first_frame": header["first_frame"],
+        "fps": header["fps"],
+        "loud": float(np.abs(pcm).max(initial=0.0)),
+        "speech_at_s": float(loud[0]) / header["sample_rate"] if len(loud) else None,
+    }
 
 
 @dataclass
@@ -64,8 +81,8 @@ class Viewer:
                 message = self.ws.recv()
                 now = time.monotonic()
                 if isinstance(message, bytes):
-                    header, _, _ = decode_block(message)
-                    self.log.append(Received(now, "block", {"index": header["index"]}))
+                    header, _, pcm = decode_block(message)
+                    self.log.append(Received(now, "block", block_detail(header, pcm)))
                 else:
                     event = json.loads(message)
                     self.log.append(Received(now, event["type"], event))

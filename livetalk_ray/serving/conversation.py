@@ -2,9 +2,9 @@
 what it hears becomes transcripts, user turns and barge-ins for the session (serving/live.py).
 
 Audio waits here at most `serve.asr.max_pending_audio_s` (more is refused with `busy`). An ASR replica that loses the
-session (it died, or was replaced) is reported at once (`recovering`), the listener is opened again on another
-replica, and what the user said meanwhile is reported as not heard (`not_heard`, with its length): the video, the
-avatar's speech and typed messages go on throughout.
+session (it died, or was replaced) is reported at once (`recovering`, and `not_heard`: the user should say it
+again), the listener is opened again on another replica, and `recovered` says when the user is heard again; the
+video, the avatar's speech and typed messages go on throughout.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from livetalk_ray import metrics
+from livetalk_ray.serving.asr import VAD_WINDOW
 from livetalk_ray.serving.protocol import error_event
 from livetalk_ray.serving.stage import Stage, StageLost
 
@@ -67,10 +68,22 @@ class Ear:
         self.wakeup = asyncio.Event()
         self.carry: list[str] = []  # parts of a turn not answered yet (a cut monologue, an interrupted thought)
         self.told_long = False  # one `turn_too_long` per monologue
-        self.opened = False  # the listener exists on the replica the stage routes to
+        self.reopening = False  # the listener was lost and is being opened again
         self.task: asyncio.Task | None = None
+        # A client that stops sending (push-to-talk, a paused microphone) has gone quiet: once the audio it sent
+        # would have played out, plus a pause, the listener hears that pause as silence (once per gap), so a turn
+        # ends without trailing silence being sent. A client sending faster than real time has no gap.
+        self.audio_end_at = 0.0  # when the audio sent so far ends, at real-time pace
+        self.gap_heard = True
+        windows = int(np.ceil(self.cfg.end_silence_ms / 1000 * self.rate / VAD_WINDOW)) + 2
+        self.pause = np.zeros(windows * VAD_WINDOW, np.float32)
 
     def push(self, samples: np.ndarray) -> None:
+        now = time.monotonic()
+        self.audio_end_at = max(self.audio_end_at, now) + len(samples) / self.rate
+        self.gap_heard = False
+        if self.reopening:
+            return  # nothing can hear it now; the client was told (`not_heard`) and hears `recovered` after
         limit = self.cfg.max_pending_audio_s * self.rate
         if self.pending + len(samples) > limit:
             raise ListenBacklog(
@@ -86,10 +99,9 @@ class Ear:
 
     async def open(self, mid_turn: bool = False) -> None:
         sid, timeout = self.live.spec.session_id, self.live.cfg.serve.open_timeout_s
-        self.stage.replica, self.opened = None, False
+        self.stage.replica = None
         await self.stage.call("open", sid, self.keep_audio, mid_turn, timeout=timeout)
         await self.stage.locate(self.live.cfg.serve.stage_timeout_s)
-        self.opened = True
 
     def _take(self) -> np.ndarray:
         chunk = np.concatenate(list(self.queue))
@@ -102,11 +114,17 @@ class Ear:
         while True:
             while not self.queue:
                 self.wakeup.clear()
-                await self.wakeup.wait()
+                quiet_in = self.audio_end_at + len(self.pause) / self.rate - time.monotonic()
+                if not self.gap_heard and quiet_in <= 0:
+                    self.gap_heard = True
+                    self.queue.append(self.pause)
+                    break
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), None if self.gap_heard else quiet_in)
+                except TimeoutError:
+                    pass
             chunk = self._take()
             try:
-                if not self.opened:
-                    await self.open(mid_turn=True)
                 events = await self.stage.call("hear", sid, chunk, timeout=timeout)
             except StageLost as lost:
                 await self._recover(lost)
@@ -115,17 +133,25 @@ class Ear:
                 await self._on(event)
 
     async def _recover(self, lost: StageLost) -> None:
-        """Open the listener again elsewhere. A turn the lost listener was hearing is lost with it, its rest included
-        (the new listener waits for a pause), and the user is asked to say it again."""
-        self.live.driver.publish({"type": "recovering", "stage": "ASR", "reason": f"{lost}; listening again"})
-        try:
-            await self.open(mid_turn=True)
-        except StageLost:
-            pass  # tried again with the next audio
+        """The listener was lost (its replica died, or reaped it): tell the client at once, open it again elsewhere
+        (waiting for a replacement replica if need be), then tell the client it is heard again. What the user says
+        meanwhile, and the rest of a turn the lost listener was hearing, is not heard (the new one waits for a
+        pause before it listens)."""
+        publish = self.live.driver.publish
+        self.reopening = True
         if self.queue:
-            self._take()  # the rest of that turn: not heard either
-        message = "what you said just now was not heard (the listening stage restarted): please say it again"
-        self.live.driver.publish(error_event("not_heard", message))
+            self._take()
+        publish({"type": "recovering", "stage": "ASR", "reason": f"{lost}; listening again shortly"})
+        message = "the listening stage restarted: what you said just now was not heard, please say it again"
+        publish(error_event("not_heard", message))
+        while True:
+            try:
+                await self.open(mid_turn=True)
+                break
+            except StageLost:
+                await asyncio.sleep(self.live.cfg.block_seconds)  # no replica yet that could take it
+        self.reopening = False
+        publish({"type": "recovered", "stage": "ASR"})
 
     async def _on(self, event: dict) -> None:
         live, kind = self.live, event["event"]

@@ -346,7 +346,7 @@ class Ingress:
         if live is None:
             await ws.close(code=4404, reason=f"unknown session {session_id}")
             return
-        subscriber = live.driver.subscribe()
+        subscriber = live.subscribe()
         sender = asyncio.create_task(_send_all(ws, subscriber))
         receiver = asyncio.create_task(live.receive(ws))
         try:  # until the client leaves or the session (or this viewer) has ended and the socket is closed

@@ -20,7 +20,7 @@ from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.serving.conversation import Ear, ListenBacklog, Turn
 from livetalk_ray.serving.llm import SpokenSentence
 from livetalk_ray.serving.protocol import ProtocolError, error_event, parse_client_audio, parse_client_text
-from livetalk_ray.serving.session import RELEASE_TIMEOUT_S, SessionDriver, SessionSpec, SpeechBacklog
+from livetalk_ray.serving.session import RELEASE_TIMEOUT_S, SessionDriver, SessionSpec, SpeechBacklog, Subscriber
 from livetalk_ray.serving.stage import Stage, StageLost
 
 STAGE_NAMES = {"denoiser": "Denoiser", "decoder": "VAEDecoder", "llm": "LLM", "speech": "Speech", "asr": "ASR"}
@@ -55,7 +55,13 @@ class Live:
         self.watcher = asyncio.create_task(self._watch_speaking())
         if self.ear is not None:
             self.ear.start()
-        self.driver.publish({"type": "state", "state": self.state, "mode": self.spec.mode})
+
+    def subscribe(self) -> Subscriber:
+        """A new reader of the session; its first event is the avatar's state now (and the session's mode)."""
+        subscriber = self.driver.subscribe()
+        if not self.driver.closed.is_set():
+            subscriber.offer({"type": "state", "state": self.state, "mode": self.spec.mode})
+        return subscriber
 
     def set_state(self, state: str) -> None:
         if state != self.state:

@@ -21,12 +21,13 @@ server log line that holds the details. After a session's last event `{"type": "
 server closes the WebSocket with one of `CLOSE_CODES`.
 
 Conversation (serving/live.py, serving/conversation.py): `{"type": "state", "state": "listening" | "thinking" |
-"speaking"}` whenever the avatar's state changes (the first one also names the session's `mode`);
+"speaking"}` first thing on connecting (with the session's `mode`), then whenever the avatar's state changes;
 `{"type": "transcript", "role": "user" | "assistant", "text", "final"}` for what was heard (partial ones while the
 user speaks, `final: true` at the end of the turn, `cut: true` when a monologue was cut) and what the avatar says;
 `{"type": "interrupted", "from_block": K, "heard"}` when the user talked over the avatar: the sound of blocks K and
 later is void (stop playing it; their frames may still be shown), and `heard` is the part of the answer the user
-heard, which is all the chat remembers of it.
+heard, which is all the chat remembers of it. When the ASR stage loses the session, `recovering` (stage ASR) and a
+`not_heard` error come at once and `{"type": "recovered", "stage": "ASR"}` once the user is heard again.
 
 Client → server: JSON text `{"type": "chat" | "say" | "prompt", "text": ...}`, `{"type": "audio_format",
 "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1}`, and binary messages of PCM in that format: in

@@ -347,8 +347,13 @@ class SessionDriver:
         return sound, parts
 
     async def _pace(self) -> None:
-        """Wait while the stream is more than lead_blocks ahead of the wall clock."""
+        """Wait while the stream is more than lead_blocks ahead of the wall clock. A stream that fell behind (a
+        stall) does not race to catch up: its viewers' clocks moved back with the stall (app.js plays a late block
+        from its arrival), so racing would only fill their buffers, and every later answer would wait behind it."""
         block_s = self.cfg.block_seconds
+        behind = (time.monotonic() - self.pace_origin) - self.frames_made / self.cfg.video.fps
+        if behind > 0:
+            self.pace_origin += behind
         while not self.closed.is_set():
             ahead = self.frames_made / self.cfg.video.fps - (time.monotonic() - self.pace_origin)
             if ahead <= self.cfg.serve.lead_blocks * block_s:

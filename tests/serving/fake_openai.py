@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 
 AUDIO_RATE = 24000
+REPLY = ["Dragons ", "are big. They ", "fly far."]
+TRANSCRIPT = "tell me a story about a dragon"
 
 
 class FakeOpenAI(BaseHTTPRequestHandler):
     requests: list[dict[str, Any]] = []
-    reply = ["Dragons ", "are big. They ", "fly far."]  # text deltas (or audio transcript deltas)
-    transcript = "tell me a story about a dragon"
+    reply = REPLY  # text deltas (or audio transcript deltas); a test may set its own
+    transcript = TRANSCRIPT
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         raw = self.rfile.read(int(self.headers["Content-Length"]))
@@ -77,7 +79,7 @@ class FakeOpenAI(BaseHTTPRequestHandler):
 @contextmanager
 def fake_openai() -> Iterator[str]:
     """The server's base URL (`http://127.0.0.1:PORT/v1`), listening on loopback until the block ends."""
-    FakeOpenAI.requests = []
+    FakeOpenAI.requests, FakeOpenAI.reply, FakeOpenAI.transcript = [], REPLY, TRANSCRIPT  # what earlier tests set
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()

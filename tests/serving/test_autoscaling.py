@@ -24,7 +24,7 @@ def denoiser_replicas() -> int:
 def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
     cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000"])  # unpaced: all load
     tiny = {"ray_actor_options": {"num_cpus": 0.1}}
-    overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "Ingress")}
+    overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
     overrides["Denoiser"] = {
         # replicas report their sessions every second (Serve's default push interval is 10 s)
         "ray_actor_options": {

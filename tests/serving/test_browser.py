@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import time
 
+import numpy as np
 import pytest
 
 from tests.serving.conftest import TOKEN
@@ -57,6 +58,51 @@ def test_the_page_streams_a_talking_avatar(server):
             page.wait_for_function(
                 "document.getElementById('log').innerText.includes('session closed')", timeout=60_000
             )
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_the_microphone_talks_to_the_avatar(server, tmp_path):
+    """Chromium's fake microphone plays a spoken question (then silence, looped); the page streams it, the avatar
+    hears it (the user's words in the log), answers aloud, and the state badge follows."""
+    from playwright.sync_api import sync_playwright
+
+    from livetalk_ray import espeak
+    from livetalk_ray.serving.asr import wav_bytes
+    from tests.serving.test_asr import USER_VOICE
+
+    question = espeak.speak("Do you like music?", sample_rate=16000, **USER_VOICE)
+    wav = tmp_path / "question.wav"
+    wav.write_bytes(wav_bytes(np.concatenate([np.zeros(8000, np.float32), question, np.zeros(30 * 16000, np.float32)])))
+    flags = [
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={wav}",
+    ]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM, args=["--autoplay-policy=no-user-gesture-required", "--no-sandbox", *flags]
+        )
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{server}/?token={TOKEN}")
+            page.wait_for_selector("#portraits img", timeout=60_000)
+            page.locator("#portraits img").nth(0).click()
+            page.click("#start")
+            page.wait_for_function("window.livetalk.drawn >= 10", timeout=120_000)
+            assert page.inner_text("#state") == "listening"
+            page.click("#mic")
+            page.wait_for_function("document.getElementById('log').innerText.includes('music')", timeout=60_000)
+            page.wait_for_function("document.getElementById('state').innerText === 'speaking'", timeout=60_000)
+            page.wait_for_function("document.getElementById('log').innerText.includes('avatar:')", timeout=60_000)
+            page.click("#mic")  # off again
+            assert page.inner_text("#mic") == "Talk (microphone)"
+            log = page.inner_text("#log")
+            assert "error" not in log, log
+            page.click("#stop")
             assert not errors, errors
         finally:
             browser.close()

@@ -2,7 +2,8 @@
 upload audio. Every affected session must resume (`reprimed`, then frames) or end with an `error` and a `closed`
 event before a documented close code; no gap longer than two block times that nobody was told about, no 1006.
 The whole stage × activity matrix is marked slow; the default run kills the three stages a stream runs through
-(Denoiser, VAEDecoder, Ingress); LLM and Speech kills, whose replacements load longest, are slow tests."""
+(Denoiser, VAEDecoder, Ingress); LLM, Speech and ASR kills are slow tests (the ASR kill during speech is in
+test_conversation.py's default run)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from livetalk_ray import espeak
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.chaos import Received, Viewer, judge, kill_replicas
 from livetalk_ray.serving.protocol import pcm16
@@ -40,6 +42,10 @@ def start_activity(viewer: Viewer, activity: str) -> None:
         viewer.send({"type": "audio_format", "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1})
         viewer.send(pcm16(0.3 * np.sin(np.linspace(0, 2000, 3 * 16000)).astype(np.float32)))
         viewer.send({"type": "say", "text": "Hello from the other side."})
+    elif activity == "voice":  # a question spoken into the microphone (conversation mode, the default)
+        viewer.send({"type": "audio_format", "encoding": "pcm_s16le", "sample_rate": 16000, "channels": 1})
+        question = espeak.speak("Do you like music?", sample_rate=16000, voice="en-us+f2", words_per_minute=140)
+        viewer.send(pcm16(np.concatenate([question, np.zeros(16000, np.float32)])))
 
 
 def healthy(url: str, timeout: float = RECOVER_S) -> bool:
@@ -94,6 +100,7 @@ def assert_no_silent_stall(verdicts, stage: str) -> None:
         ("Ingress", "chat"),
         pytest.param("LLM", "chat", marks=pytest.mark.slow),  # the replacement loads for 1-2 min on two busy cores
         pytest.param("Speech", "audio", marks=pytest.mark.slow),
+        pytest.param("ASR", "voice", marks=pytest.mark.slow),  # in the default run: test_conversation.py
     ],
 )
 def test_a_killed_stage_never_leaves_a_session_silent(server, stage, activity):
@@ -102,8 +109,8 @@ def test_a_killed_stage_never_leaves_a_session_silent(server, stage, activity):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("activity", ["stream", "chat", "prompt", "audio"])
-@pytest.mark.parametrize("stage", ["Denoiser", "VAEDecoder", "LLM", "Speech", "Ingress"])
+@pytest.mark.parametrize("activity", ["stream", "chat", "prompt", "audio", "voice"])
+@pytest.mark.parametrize("stage", ["Denoiser", "VAEDecoder", "LLM", "Speech", "ASR", "Ingress"])
 def test_every_stage_killed_during_every_activity(server, stage, activity):
     assert_no_silent_stall(kill_and_judge(server, stage, activity), stage)
 

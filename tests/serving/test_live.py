@@ -45,7 +45,7 @@ class Recorder:
 
     def __init__(self, live: Live) -> None:
         self.items: list[tuple[float, object]] = []
-        self.queue = live.driver.subscribe()
+        self.queue = live.subscribe()
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -225,6 +225,7 @@ def test_a_listener_lost_mid_turn_is_reported_reopened_and_hears_again(stages, e
         await handles["asr"].close("s1")  # the replica lost the session (died, or reaped it)
         await say(live, question[half:])
         await recorder.wait_for(lambda e: e.get("code") == "not_heard")
+        await recorder.wait_for(lambda e: e["type"] == "recovered")
         await say(live, question)
         await recorder.wait_for(lambda e: e["type"] == "speech")
         await close(live, recorder)
@@ -234,3 +235,19 @@ def test_a_listener_lost_mid_turn_is_reported_reopened_and_hears_again(stages, e
     assert [e["stage"] for e in recorder.events("recovering")] == ["ASR"]
     finals = [e["text"] for e in recorder.events("transcript") if e["role"] == "user" and e.get("final")]
     assert len(finals) == 1 and "music" in finals[0]
+
+
+def test_a_client_that_stops_sending_ends_its_turn_as_a_pause_would(stages, endpoint) -> None:
+    FakeOpenAI.reply = ["Yes."]
+
+    async def main():
+        live, _ = make_live(stages, endpoint)
+        recorder = await opened(live)
+        sent = await say(live, voice("Do you like music?", pause_s=0.0))  # push-to-talk: no trailing silence
+        _, final = await recorder.wait_for(lambda e: e["type"] == "transcript" and e.get("final"), timeout=10)
+        ended_at = time.monotonic()
+        await close(live, recorder)
+        return final, ended_at - sent
+
+    final, took = asyncio.run(main())
+    assert "music" in final["text"] and took < 5.0

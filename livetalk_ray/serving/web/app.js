@@ -77,6 +77,7 @@ function onEvent(ev) {
   else if (ev.type === "error") log(`error (${ev.code}): ${ev.message}${ev.incident ? " [incident " + ev.incident + "]" : ""}`, "err");
   else if (ev.type === "reprimed") log(`stream re-primed: ${ev.reason}`, "err");
   else if (ev.type === "recovering") log(`${ev.reason}`, "err");
+  else if (ev.type === "recovered") log(`the ${ev.stage} stage is back`);
   else if (ev.type === "delayed") log(`stream delayed ${ev.seconds} s: waiting for ${ev.waiting_for}`, "err");
   else if (ev.type === "closed") log(`session ended (${ev.reason})`);
 }
