@@ -78,13 +78,25 @@ class AvatarPipeline:
         """Prime a session from a reference image [3, H, W] in [-1, 1] and a motion prompt."""
         return AvatarStream(self, image, prompt, self.cfg.runtime.seed if seed is None else seed)
 
+    def restore_stream(self, snapshot: dict) -> AvatarStream:
+        """A stream continued from `AvatarStream.snapshot()` (taken here or on another replica of the same model
+        and config): its next blocks are the ones the original would have made."""
+        return AvatarStream.restore(self, snapshot)
+
+
+SNAPSHOT_FORMAT = 1
+
 
 class AvatarStream:
     def __init__(self, pipe: AvatarPipeline, image: torch.Tensor, prompt: str, seed: int) -> None:
+        ref_latent = pipe.vae.encode(image[None, :, None])  # [1, z, 1, h, w]
+        self._setup(pipe, ref_latent, pipe.encode_prompt(prompt), seed)
+
+    def _setup(self, pipe: AvatarPipeline, ref_latent: torch.Tensor, text: torch.Tensor, seed: int) -> None:
         self.pipe = pipe
         cfg = pipe.cfg
-        self.ref_latent = pipe.vae.encode(image[None, :, None])  # [1, z, 1, h, w]
-        self.state = pipe.sampler.start(self.ref_latent, pipe.encode_prompt(prompt), seed)
+        self.ref_latent = ref_latent
+        self.state = pipe.sampler.start(ref_latent, text, seed)
         self.audio = StreamingAudioFeatures(
             pipe.audio_encoder,
             cfg.video.fps,
@@ -93,6 +105,59 @@ class AvatarStream:
         )
         self.decoder = None  # the VAE's streaming state, made by the first next_block (a Denoiser never decodes)
         self.frames_out = 0
+
+    # -- moving a stream between replicas
+    def snapshot(self) -> dict:
+        """Everything the stream carries between blocks (the KV cache with its sinks and frame positions, the text
+        condition, the noise generator, the audio window, the frame count) as CPU tensors and plain values:
+        picklable, so Ray's object store can carry it to another replica. Text cross-attention K/V are left out:
+        they are recomputed from the text, identically."""
+        st, cache, heard = self.state, self.state.cache, self.audio.heard
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "ref_latent": self.ref_latent.cpu(),
+            "text": st.text.cpu(),
+            "generator": st.generator.get_state(),
+            "block_index": st.block_index,
+            "kv": {
+                "k": [x.cpu() for x in cache.k],
+                "v": [x.cpu() for x in cache.v],
+                "slot_frame": cache.slot_frame.clone(),
+                "next_frame": cache.next_frame,
+            },
+            "audio": {
+                "samples": heard.samples.copy(),
+                "base": heard.base,
+                "pushed": heard.pushed,
+                "forgotten": self.audio._forgotten,
+                "finished": self.audio.finished,
+            },
+            "frames_out": self.frames_out,
+        }
+
+    @classmethod
+    def restore(cls, pipe: AvatarPipeline, snapshot: dict) -> AvatarStream:
+        if snapshot.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"stream snapshot format {snapshot.get('format')!r}; this version reads {SNAPSHOT_FORMAT}")
+        stream = cls.__new__(cls)
+        device, dtype = pipe.device, pipe.dtype
+        stream._setup(pipe, snapshot["ref_latent"].to(device, dtype), snapshot["text"], 0)
+        st, cache, kv = stream.state, stream.state.cache, snapshot["kv"]
+        if len(kv["k"]) != len(cache.k) or kv["k"][0].shape != cache.k[0].shape:
+            raise ValueError(
+                f"the snapshot's KV cache ({len(kv['k'])} layers of {tuple(kv['k'][0].shape)}) does not fit "
+                f"this model's ({len(cache.k)} layers of {tuple(cache.k[0].shape)}): use the same preset and config"
+            )
+        cache.k = [x.to(device, cache.k[0].dtype) for x in kv["k"]]
+        cache.v = [x.to(device, cache.v[0].dtype) for x in kv["v"]]
+        cache.slot_frame, cache.next_frame = kv["slot_frame"].clone(), kv["next_frame"]
+        st.generator.set_state(snapshot["generator"])
+        st.block_index = snapshot["block_index"]
+        audio, heard = snapshot["audio"], stream.audio.heard
+        heard.samples, heard.base, heard.pushed = audio["samples"].copy(), audio["base"], audio["pushed"]
+        stream.audio._forgotten, stream.audio.finished = audio["forgotten"], audio["finished"]
+        stream.frames_out = snapshot["frames_out"]
+        return stream
 
     # -- audio in
     def push_audio(self, samples: np.ndarray | torch.Tensor) -> None:
