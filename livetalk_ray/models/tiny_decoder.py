@@ -227,6 +227,19 @@ class TinyDecodeStream:
     def decode_block(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_many_tiny([self], [latents])[0]
 
+    def snapshot(self) -> dict:
+        """The decoder memory and frames decoded, picklable; `restore` continues it exactly."""
+        memory = None if self.memory is None else [m.cpu() for m in self.memory]
+        return {"kind": "tiny", "frames_in": self.frames_in, "memory": memory}
+
+    def restore(self, snapshot: dict) -> TinyDecodeStream:
+        if snapshot.get("kind") != "tiny":
+            raise ValueError("this decoder state was made by another decoder (vae.decoder must match)")
+        memory = snapshot["memory"]
+        self.memory = None if memory is None else [m.to(self.decoder.device) for m in memory]
+        self.frames_in = snapshot["frames_in"]
+        return self
+
 
 def decode_many_tiny(streams: list[TinyDecodeStream], latents: list[torch.Tensor]) -> list[torch.Tensor]:
     """`decode_block` of several streams in one batch: streams at the same stage (starting or not, with memory or

@@ -172,6 +172,19 @@ class VAEDecodeStream:
         self.frames_in += latents.shape[2]
         return out.clamp(-1.0, 1.0).float()
 
+    def snapshot(self) -> dict:
+        """The decoder state (causal-conv caches, frames decoded), picklable; `restore` continues it exactly."""
+        cache = [c.cpu() if torch.is_tensor(c) else c for c in self.feat_cache]
+        return {"kind": "vae", "frames_in": self.frames_in, "cache": cache}
+
+    def restore(self, snapshot: dict) -> VAEDecodeStream:
+        if snapshot.get("kind") != "vae" or len(snapshot["cache"]) != len(self.feat_cache):
+            raise ValueError("this decoder state was made by another decoder (vae.decoder and the VAE must match)")
+        device = self.vae.device
+        self.feat_cache = [c.to(device) if torch.is_tensor(c) else c for c in snapshot["cache"]]
+        self.frames_in = snapshot["frames_in"]
+        return self
+
 
 def latent_statistics(cfg: VAEConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE's per-channel latent mean and std [1, z, 1, 1, 1], without loading its weights: the config's,

@@ -69,6 +69,17 @@ class DenoiserCore:
             raise result
         return result
 
+    def export_session(self, session_id: str) -> dict:
+        """The session's stream state, to be imported on another replica (`AvatarStream.snapshot`); the session
+        stays here until closed, so a failed move loses nothing."""
+        return self.sessions.get(session_id).snapshot()
+
+    def import_session(self, session_id: str, snapshot: dict) -> int:
+        """Continue a session exported elsewhere; returns the samples its next block wants pushed in all."""
+        stream = self.pipe.restore_stream(snapshot)
+        self.sessions.put(session_id, stream)
+        return stream.audio.samples_needed_for_block(stream.state.block_index)
+
     def close(self, session_id: str) -> bool:
         return self.sessions.close(session_id)
 
@@ -95,3 +106,10 @@ class Denoiser(SessionStage):
     async def next_block(self, session_id: str, samples: np.ndarray) -> tuple[LatentBlock, int]:
         self._start_reaper()
         return await self.batcher.submit(session_id, (session_id, samples))
+
+    async def export_session(self, session_id: str) -> dict:
+        return await self.batcher.exclusive(self.core.export_session, session_id)
+
+    async def import_session(self, session_id: str, snapshot: dict) -> int:
+        self._start_reaper()
+        return await self.batcher.exclusive(self.core.import_session, session_id, snapshot)

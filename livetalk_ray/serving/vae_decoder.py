@@ -57,6 +57,13 @@ class DecoderCore:
             raise result
         return result
 
+    def export_session(self, session_id: str) -> dict:
+        """The session's decoder state for another replica; the session stays here until closed."""
+        return self.sessions.get(session_id).snapshot()
+
+    def import_session(self, session_id: str, snapshot: dict) -> None:
+        self.sessions.put(session_id, self.vae.stream().restore(snapshot))
+
     def close(self, session_id: str) -> bool:
         return self.sessions.close(session_id)
 
@@ -76,3 +83,10 @@ class VAEDecoder(SessionStage):
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
         self._start_reaper()
         return await self.batcher.submit(session_id, (session_id, block_index, latents))
+
+    async def export_session(self, session_id: str) -> dict:
+        return await self.batcher.exclusive(self.core.export_session, session_id)
+
+    async def import_session(self, session_id: str, snapshot: dict) -> None:
+        self._start_reaper()
+        await self.batcher.exclusive(self.core.import_session, session_id, snapshot)

@@ -45,3 +45,36 @@ def test_sessions_denoised_in_one_batch_get_their_own_blocks():
         assert len(together[sid]) == 4
         for x, y in zip(together[sid], alone[sid], strict=True):
             assert torch.allclose(x, y, atol=1e-4)
+
+
+def test_a_session_exported_from_one_replica_goes_on_exactly_on_another():
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from livetalk_ray.config import load_config
+    from livetalk_ray.serving.denoiser import DenoiserCore
+    from tests.serving.test_session import png_bytes
+
+    cfg = load_config("toy", overrides=["model.num_layers=2"])
+    here, there, alone = DenoiserCore(cfg, None), DenoiserCore(cfg, None), DenoiserCore(cfg, None)
+    image = png_bytes(np.full((64, 64, 3), 120, np.uint8))
+    speech = (0.3 * np.sin(np.arange(10 * 16000) / 7)).astype(np.float32)
+    cores, needed, pushed = {"moved": here, "alone": alone}, {}, {"moved": 0, "alone": 0}
+    for name, core in cores.items():
+        needed[name] = core.open("s", image, "A person talks.", seed=4)
+
+    def step(name: str) -> torch.Tensor:
+        block, later = cores[name].next_block("s", speech[pushed[name] : needed[name]])
+        pushed[name], needed[name] = needed[name], later
+        return block.latents
+
+    for _ in range(3):
+        assert torch.equal(step("moved"), step("alone"))
+    snapshot = pickle.loads(pickle.dumps(here.export_session("s")))
+    assert there.import_session("s", snapshot) == needed["moved"]  # the relay goes on where it was
+    here.close("s")
+    cores["moved"] = there
+    for _ in range(3):
+        assert torch.equal(step("moved"), step("alone"))
