@@ -1,39 +1,118 @@
-"""Load test on loopback: `livetalk serve` (toy preset, shipped weights, paced real-time streams) as a real
-process, then `livetalk loadtest`: N concurrent WebSocket sessions for M minutes; drops, TTFF, inter-block
-gaps and replica memory over the run.
+"""Load test on loopback, in two parts, as a real client (`livetalk loadtest`'s code) against real servers.
 
-    .venv/bin/python bench/load.py [--sessions 4] [--minutes 3] [--set vae.decoder=tiny] [--out bench/results/load.json]
+1. Admission: `livetalk serve` (toy preset, shipped weights, paced real-time streams, the default real-time slots)
+   as a real process, then N concurrent sessions for M minutes. Sessions beyond the slots wait in the queue (202)
+   and stream once a slot frees up; reported: admitted / queued / refused, how many streaming sessions held real
+   time (gap p99 ≤ 1.2x the block), queue wait, drops, TTFF, gaps and replica memory over the run.
+2. Scale-in (`--drain-sessions`, 0 to skip): an app with 2 Denoiser replicas streams that many sessions; midway
+   the Denoiser is scaled to 1 replica. The stopping replica's sessions move to the other: reported are the
+   migrations, the longest pause a move caused, re-primes (none expected) and the gaps around the move.
 
-The server's stream is paced to the video's 16 fps, so a healthy run shows a gap near 0.75 s (12 frames
-per block) for every session, and memory that stops growing once the sessions are primed.
+    .venv/bin/python bench/load.py [--sessions 4] [--minutes 2] [--drain-sessions 3] [--set vae.decoder=tiny]
+                                   [--out bench/results/load.json]
+
+The stream is paced to the video's 16 fps, so a session at real time shows a gap near 0.75 s (12 frames per block).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-from livetalk_ray.cli.serve import served
-
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+from livetalk_ray.cli.serve import served  # noqa: E402
+
+DRAIN_APP = "drain"
+
+
+def admission(args) -> dict:
+    cli = str(Path(sys.executable).with_name("livetalk"))
+    out = args.out.with_name(args.out.stem + "_admission.json")
+    with served(*(x for item in args.set for x in ("--set", item))) as url:
+        load = [cli, "loadtest", "--url", url, "--sessions", str(args.sessions), "--minutes", str(args.minutes)]
+        code = subprocess.run([*load, "--json", str(out)]).returncode  # prints the table, writes the JSON
+    report = json.loads(out.read_text())
+    out.unlink()
+    report["exit_code"] = code
+    return report
+
+
+def scale_in(args) -> dict:
+    """Stream `--drain-sessions` sessions on 2 Denoiser replicas, scale to 1 a third of the way in, report."""
+    import ray
+    from ray import serve
+
+    from livetalk_ray.cli.serve import wait_healthy
+    from livetalk_ray.config import load_config
+    from livetalk_ray.serving.app import build_app
+    from livetalk_ray.serving.loadtest import run_load
+
+    def deployments(denoisers: int) -> dict:
+        same = {"version": "bench"}  # one version: a new replica count is a scale, not a restart
+        out = {name: dict(same) for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress", "Placement")}
+        out["Denoiser"] = {**same, "num_replicas": denoisers}
+        return out
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    slots = [
+        f"serve.admission.denoiser_slots={args.drain_sessions}",
+        f"serve.admission.decoder_slots={args.drain_sessions}",
+    ]
+    cfg = load_config("toy", overrides=[*slots, *args.set])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg, overrides=deployments(2)), name=DRAIN_APP, route_prefix="/", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, timeout_s=600)
+        seconds = args.minutes * 60
+        when = {}
+
+        def scale() -> None:
+            time.sleep(seconds / 3)
+            when["scaled_at_s"] = round(seconds / 3, 1)
+            serve.run(build_app(cfg, overrides=deployments(1)), name=DRAIN_APP, route_prefix="/", blocking=False)
+
+        threading.Thread(target=scale, daemon=True).start()
+        report = run_load(url, args.drain_sessions, seconds).to_json()
+        replicas = serve.status().applications[DRAIN_APP].deployments["Denoiser"].replica_states
+        report.update(when, denoiser_replicas_after=replicas, block_s=cfg.block_seconds)
+        return report
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=4)
-    parser.add_argument("--minutes", type=float, default=3.0)
+    parser.add_argument("--minutes", type=float, default=2.0)
+    parser.add_argument("--drain-sessions", type=int, default=3, help="sessions during the scale-in (0: skip it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
     parser.add_argument("--set", action="append", default=[], help="config override for the server (repeatable)")
     args = parser.parse_args()
-    cli = str(Path(sys.executable).with_name("livetalk"))
-    with served(*(x for item in args.set for x in ("--set", item))) as url:
-        load = [cli, "loadtest", "--url", url, "--sessions", str(args.sessions), "--minutes", str(args.minutes)]
-        code = subprocess.run([*load, "--json", str(args.out)]).returncode  # prints the table, writes the JSON
+    result = {"admission": admission(args)}
+    if args.drain_sessions:
+        result["scale_in"] = scale_in(args)
+        s = result["scale_in"]
+        print(
+            f"scale-in: {s['migrations']} migrations, longest pause {s['migration_pause_max_s']} s, "
+            f"gap p99 {s['gap_p99_s']:.3f} s (block {s['block_s']:.2f} s), dropped {s['dropped']}, errors {s['errors']}"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
-    sys.exit(code)
+    sys.exit(result["admission"]["exit_code"])
 
 
 if __name__ == "__main__":

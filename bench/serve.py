@@ -170,7 +170,9 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ORIGIN = f"http://127.0.0.1:{port}"
-    unpaced = ["serve.lead_blocks=100000", *args.set]  # e.g. --set vae.decoder=tiny
+    # Capacity, not admission: enough slots that every session streams (bench/load.py measures admission).
+    slots = ["serve.admission.denoiser_slots=8", "serve.admission.decoder_slots=8"]
+    unpaced = ["serve.lead_blocks=100000", *slots, *args.set]  # e.g. --set vae.decoder=tiny
     cfg = load_config("toy", overrides=unpaced)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     serve.start(http_options={"host": "127.0.0.1", "port": port})

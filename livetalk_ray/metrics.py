@@ -60,6 +60,22 @@ SERVE_SESSION_ERRORS = MetricSpec(
     "livetalk_serve_session_errors", "counter", "Sessions ended by an error event", ("reason",)
 )
 
+SERVE_MIGRATIONS = MetricSpec(
+    "livetalk_serve_migrations",
+    "counter",
+    "Sessions a draining replica moved to another (outcome moved) or could not (lost: re-primed)",
+    ("stage", "outcome"),
+)
+SERVE_MIGRATION_SECONDS = MetricSpec(
+    "livetalk_serve_migration_seconds", "histogram", "A drained session's export and import", ("stage",)
+)
+SERVE_ADMISSIONS = MetricSpec(
+    "livetalk_serve_admissions", "counter", "New sessions by admission: admitted, queued, refused", ("outcome",)
+)
+SERVE_QUEUE_WAIT_SECONDS = MetricSpec(
+    "livetalk_serve_queue_wait_seconds", "histogram", "A queued session's wait for its slots"
+)
+
 SERVE_LLM_FIRST_SENTENCE_SECONDS = MetricSpec(
     "livetalk_serve_llm_first_sentence_seconds", "histogram", "LLM: a user turn to the first sentence of the reply"
 )
@@ -105,6 +121,10 @@ ALL_METRICS = [
     SERVE_VOICE_TURNS,
     SERVE_BARGE_INS,
     SERVE_TURN_TO_SPEECH_SECONDS,
+    SERVE_ADMISSIONS,
+    SERVE_QUEUE_WAIT_SECONDS,
+    SERVE_MIGRATIONS,
+    SERVE_MIGRATION_SECONDS,
     TRAIN_STEP_SECONDS,
     TRAIN_STEPS,
     TRAIN_SAMPLES_PER_S,

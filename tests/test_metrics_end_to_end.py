@@ -66,14 +66,13 @@ def train_teacher_and_dmd(root: Path) -> None:
     Controller(dmd_cfg(*checkpoints, "train.dmd.staleness=1"), shards, root / "dmd", 6).run()
 
 
-def serve_sessions_losing_the_denoiser() -> None:
+def serve_sessions_losing_the_denoiser(port: int) -> None:
     import ray
     from ray import serve
     from websockets.sync.client import connect
 
     from livetalk_ray.serving.app import build_app
 
-    port = free_port()
     cfg = load_config("toy", overrides=["model.num_layers=2", "serve.max_reprimes=1", "serve.open_timeout_s=3"])
     small = {"ray_actor_options": {"num_cpus": 0.1}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -118,6 +117,43 @@ def serve_sessions_losing_the_denoiser() -> None:
         serve.delete("metrics")
 
 
+def serve_a_queue_and_a_drain(port: int) -> None:
+    """Admission and migration metrics: 2 Denoiser replicas of 1 slot each, 3 sessions (the third queued); the
+    Denoiser scaled to 1 replica moves its session; ending the first two admits the third."""
+    from ray import serve
+
+    from livetalk_ray.serving.app import build_app
+
+    overrides = ["model.num_layers=2", "serve.admission.denoiser_slots=1", "serve.admission.decoder_slots=4"]
+    cfg = load_config("toy", overrides=overrides)
+
+    def deployments(denoisers: int) -> dict:
+        small = {"ray_actor_options": {"num_cpus": 0.05}, "version": "metrics"}
+        out = {n: dict(small) for n in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress", "Placement")}
+        return {**out, "Denoiser": {**small, "num_replicas": denoisers}}
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(cfg, overrides=deployments(2)), name="admission", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, timeout_s=300)
+        form = {"portrait": "bo", "mode": "puppet"}
+        created = [httpx.post(base + "/v1/sessions", data=form, timeout=120) for _ in range(3)]
+        assert [r.status_code for r in created] == [201, 201, 202], [r.text for r in created]
+        time.sleep(5)  # both admitted sessions stream
+        serve.run(build_app(cfg, overrides=deployments(1)), name="admission", route_prefix="/", blocking=False)
+        time.sleep(10)  # the stopping replica moves its session
+        for reply in created[:2]:
+            httpx.delete(base + f"/v1/sessions/{reply.json()['session_id']}", timeout=60)
+        queued = created[2].json()["session_id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and httpx.get(base + f"/v1/sessions/{queued}").json()["state"] == "queued":
+            time.sleep(0.5)
+        assert httpx.get(base + f"/v1/sessions/{queued}").json()["state"] != "queued"
+    finally:
+        serve.delete("admission")
+
+
 def test_every_metric_family_and_every_dashboard_panel_has_data(ray_cluster, tmp_path):
     port, start = free_port(), time.time()
     prometheus = start_prometheus(tmp_path / "prometheus", port, ray_metrics_targets(), scrape_interval_s=1.0)
@@ -126,7 +162,9 @@ def test_every_metric_family_and_every_dashboard_panel_has_data(ray_cluster, tmp
         wait_ready(url, prometheus)
         curate_data(tmp_path)
         train_teacher_and_dmd(tmp_path)
-        serve_sessions_losing_the_denoiser()
+        serve_port = free_port()  # one HTTP port for both apps (Serve's proxy is started once)
+        serve_a_queue_and_a_drain(serve_port)
+        serve_sessions_losing_the_denoiser(serve_port)
 
         families = {metrics.exported_name(spec): spec for spec in metrics.ALL_METRICS}
         deadline, missing = time.monotonic() + 60, list(families)

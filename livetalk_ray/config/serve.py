@@ -63,6 +63,42 @@ class ASRConfig(_Section):
     silence_notice_s: float = Field(default=60.0, gt=0.0)
 
 
+# Real-time session slots per replica, by preset and device: (Denoiser, VAEDecoder with the full Wan decoder,
+# VAEDecoder with the tiny one): how many paced sessions one replica streams at real time. toy/cpu is measured on
+# 2 cores (bench/load.py: 4 sessions with the tiny decoder and 2 with the full one keep gap p99 ≤ 1.1x the block);
+# the GPU rows are on paper (LiveTalk 1.3B makes 24.8 FPS on one GPU and a session needs 16; the full Wan decode is
+# about a quarter of a block's FLOPs, the tiny one a few percent).
+DEFAULT_SLOTS: dict[tuple[str, str], tuple[int, int, int]] = {
+    ("toy", "cpu"): (4, 2, 4),
+    ("toy", "cuda"): (16, 16, 32),
+    ("wan-1.3b", "cuda"): (1, 2, 8),
+    ("wan-14b", "cuda"): (1, 1, 4),
+}
+FALLBACK_SLOTS = (1, 1, 1)  # a preset and device not in the table (e.g. 1.3B on CPU): one session each
+
+
+class AdmissionConfig(_Section):
+    """Admission of new sessions (serving/placement.py): a session streams only with a slot on a Denoiser and a
+    VAEDecoder replica, leased together; without one it waits in a bounded queue, and past the queue gets 503."""
+
+    # Slots per replica; None: DEFAULT_SLOTS for the preset and device.
+    denoiser_slots: int | None = Field(default=None, ge=1)
+    decoder_slots: int | None = Field(default=None, ge=1)
+    max_queue: int = Field(default=16, ge=0)  # sessions waiting for slots (all Ingress replicas); more get 503
+    retry_after_s: int = Field(default=10, ge=1)  # the 503's Retry-After when the queue is full
+    # A lease its Ingress replica stopped renewing (it died) is freed after this long; Ingress renews every third.
+    lease_ttl_s: float = Field(default=15.0, gt=0)
+    # A streaming stage call (denoise, decode) unanswered for this many block times counts as the stage having
+    # stopped answering for the session: it is migrated if its replica is draining, re-primed elsewhere otherwise.
+    stall_blocks: float = Field(default=2.0, gt=0)
+
+    def slots(self, preset: str, device: str, decoder: str = "full") -> tuple[int, int]:
+        """(Denoiser, VAEDecoder) slots per replica for a preset on a device ("cuda:1" counts as "cuda") with the
+        `vae.decoder` in use (full | tiny)."""
+        denoiser, full, tiny = DEFAULT_SLOTS.get((preset, device.split(":")[0]), FALLBACK_SLOTS)
+        return (self.denoiser_slots or denoiser, self.decoder_slots or (tiny if decoder == "tiny" else full))
+
+
 class ServeConfig(_Section):
     """Ray Serve deployment of live avatar sessions (serving/). Replica counts, resources and autoscaling are
     Ray's own deployment options: serve_apps/*.yaml."""
@@ -103,6 +139,7 @@ class ServeConfig(_Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     speech: SpeechConfig = Field(default_factory=SpeechConfig)
     asr: ASRConfig = Field(default_factory=ASRConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
 
     @property
     def image_limits(self) -> dict[str, float]:

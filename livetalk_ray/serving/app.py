@@ -1,4 +1,5 @@
-"""The Serve application: Ingress → (ASR, LLM, Speech, Denoiser, VAEDecoder), wired with handles.
+"""The Serve application: Ingress → (ASR, LLM, Speech, Denoiser, VAEDecoder), wired with handles, and Placement
+(one replica), which every Ingress asks where a session may stream and the stage replicas report to.
 
 `build_app(cfg, checkpoint)` for Python (`livetalk serve`, tests); `build(args)` is the application builder
 that `serve run` / `serve deploy` / a RayService import (`livetalk_ray.serving.app:build`, args below).
@@ -24,6 +25,7 @@ from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
 from livetalk_ray.serving.denoiser import Denoiser
 from livetalk_ray.serving.ingress import Ingress, token_digest
 from livetalk_ray.serving.llm import Chat
+from livetalk_ray.serving.placement import Placement
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 from livetalk_ray.serving.sessions import SessionTable, reap_forever, replica_actor_name
 from livetalk_ray.serving.speech import Speech
@@ -36,7 +38,10 @@ STICKY = RequestRouterConfig(
     request_router_class="livetalk_ray.serving.routing.SessionRouter",
     request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 0},
 )
-SESSION_DRAIN_S = 120  # a replica scaled in gets this long to finish its sessions' calls (Serve's default: 20 s)
+SESSION_DRAIN_S = 120  # a replica scaled in gets this long to move its sessions (Serve's default: 20 s)
+# How often a stopping replica checks that its last calls have ended (Serve's default: 2 s): its sessions wait
+# for the move (serving/sessions.py) from the moment routers stop sending it their calls.
+DRAIN_CHECK_S = 0.05
 
 
 class LLM:
@@ -150,6 +155,8 @@ DEFAULTS: dict[str, dict] = {
     "ASR": {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.25}},
     # A WebSocket holds an ingress slot for its whole life: this limit counts connections, not calls.
     "Ingress": {"max_ongoing_requests": 200, "ray_actor_options": {"num_cpus": 0.25}},
+    # One replica holds the app's placement; its calls are tiny (a dict lookup), so it takes no CPU reservation.
+    "Placement": {"num_replicas": 1, "max_ongoing_requests": 1000, "ray_actor_options": {"num_cpus": 0}},
 }
 STATEFUL = ("Denoiser", "VAEDecoder", "LLM", "ASR")  # sticky routing and a long drain for their sessions
 
@@ -166,14 +173,16 @@ def build_app(
     def deployment(cls, name: str):
         options = {**DEFAULTS[name], **(overrides or {}).get(name, {})}
         if name in STATEFUL:
-            options = {"request_router_config": STICKY, "graceful_shutdown_timeout_s": SESSION_DRAIN_S, **options}
+            drain = {"graceful_shutdown_timeout_s": SESSION_DRAIN_S, "graceful_shutdown_wait_loop_s": DRAIN_CHECK_S}
+            options = {"request_router_config": STICKY, **drain, **options}
         return serve.deployment(cls, name=name, **options)
 
-    denoiser = deployment(Denoiser, "Denoiser").bind(data, ckpt)
-    decoder = deployment(VAEDecoder, "VAEDecoder").bind(data)
+    placement = deployment(Placement, "Placement").bind(data)
+    denoiser = deployment(Denoiser, "Denoiser").bind(data, ckpt, placement)
+    decoder = deployment(VAEDecoder, "VAEDecoder").bind(data, placement)
     llm, speech = deployment(LLM, "LLM").bind(data), deployment(SpeechSynth, "Speech").bind(data)
     asr = deployment(ASR, "ASR").bind(data)
-    return deployment(Ingress, "Ingress").bind(data, denoiser, decoder, llm, speech, asr)
+    return deployment(Ingress, "Ingress").bind(data, denoiser, decoder, llm, speech, asr, placement)
 
 
 def build(args: dict) -> serve.Application:

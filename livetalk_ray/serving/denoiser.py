@@ -69,10 +69,13 @@ class DenoiserCore:
             raise result
         return result
 
-    def export_session(self, session_id: str) -> dict:
-        """The session's stream state, to be imported on another replica (`AvatarStream.snapshot`); the session
-        stays here until closed, so a failed move loses nothing."""
-        return self.sessions.get(session_id).snapshot()
+    def export_session(self, session_id: str, forget: bool = False) -> dict:
+        """The session's stream state, to be imported on another replica (`AvatarStream.snapshot`). It stays here
+        until closed unless `forget` (a drain: a later call must not advance a stream that lives elsewhere now)."""
+        snapshot = self.sessions.get(session_id).snapshot()
+        if forget:
+            self.sessions.close(session_id)
+        return snapshot
 
     def import_session(self, session_id: str, snapshot: dict) -> int:
         """Continue a session exported elsewhere; returns the samples its next block wants pushed in all."""
@@ -90,11 +93,12 @@ class Denoiser(SessionStage):
 
     name = "Denoiser"
 
-    def __init__(self, cfg: dict, checkpoint: str | None) -> None:
+    def __init__(self, cfg: dict, checkpoint: str | None, placement=None) -> None:
         bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         core = DenoiserCore(config, checkpoint)
-        self._setup(config, core, core.next_blocks)
+        slots = config.serve.admission.slots(config.preset, str(core.pipe.device), config.vae.decoder)[0]
+        self._setup(config, core, core.next_blocks, placement, slots)
 
     async def open(self, session_id: str, image: bytes, prompt: str, seed: int) -> int:
         self._start_reaper()
@@ -107,8 +111,8 @@ class Denoiser(SessionStage):
         self._start_reaper()
         return await self.batcher.submit(session_id, (session_id, samples))
 
-    async def export_session(self, session_id: str) -> dict:
-        return await self.batcher.exclusive(self.core.export_session, session_id)
+    async def export_session(self, session_id: str, forget: bool = False) -> dict:
+        return await self.batcher.exclusive(self.core.export_session, session_id, forget)
 
     async def import_session(self, session_id: str, snapshot: dict) -> int:
         self._start_reaper()

@@ -27,6 +27,7 @@ from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
 from livetalk_ray.media import ImageError, read_image
 from livetalk_ray.serving.live import Live
+from livetalk_ray.serving.placement import PlacementClient
 from livetalk_ray.serving.portraits import model_note, portrait_png, portraits
 from livetalk_ray.serving.protocol import (
     close_code,
@@ -34,6 +35,7 @@ from livetalk_ray.serving.protocol import (
 )
 from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 from livetalk_ray.serving.session import RELEASE_TIMEOUT_S, SessionSpec
+from livetalk_ray.serving.sessions import replica_actor_name
 from livetalk_ray.serving.stage import StageLost
 
 app = FastAPI(title="livetalk-ray", description="Real-time talking avatars (LiveTalk recipe) on Ray Serve")
@@ -109,12 +111,16 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 class Ingress:
     """Serve deployment class (made a deployment in serving/app.py)."""
 
-    def __init__(self, cfg: dict, denoiser, decoder, llm, speech, asr) -> None:
+    def __init__(self, cfg: dict, denoiser, decoder, llm, speech, asr, placement=None) -> None:
         bind_replica_server_to_node_address()
         self.cfg = LiveTalkConfig.model_validate(cfg)
         self.handles = {"denoiser": denoiser, "decoder": decoder, "llm": llm, "speech": speech, "asr": asr}
+        timeout = self.cfg.serve.stage_timeout_s
+        self.placement = PlacementClient(placement, timeout) if placement is not None else None
+        self.holder = replica_actor_name() if placement is not None else "local"  # names this Ingress's leases
         self.sessions: dict[str, Live] = {}
         self.reaper: asyncio.Task | None = None
+        self.renewer: asyncio.Task | None = None
         self.releasing: set[asyncio.Task] = set()  # stage releases of ended sessions, still running
         self.starting = 0  # sessions being created: counted against the cap before the first await
         self.ready = False  # every stage has answered once (see /healthz)
@@ -135,6 +141,8 @@ class Ingress:
             "Speech": h["speech"].ping.remote(),
             "ASR": h["asr"].ping.remote(),
         }
+        if self.placement is not None:  # it answers at once, but has no slots until each stage has reported
+            calls["Placement"] = self._placement_ready()
 
         async def answers(call) -> bool:
             try:
@@ -144,6 +152,7 @@ class Ingress:
                 return False
 
         done = await asyncio.gather(*(answers(call) for call in calls.values()))
+
         return [stage for stage, ok in zip(calls, done, strict=True) if not ok]
 
     def _auth(self, request: Request | WebSocket) -> None:
@@ -165,20 +174,40 @@ class Ingress:
             raise HTTPException(404, f"unknown session {session_id}")
         return live
 
+    async def _placement_ready(self) -> None:
+        if not await self.placement.call("ready"):
+            raise RuntimeError("no replica of a stage has reported to Placement yet")
+
     def _ensure_reaper(self) -> None:
         if self.reaper is None:
             self.reaper = asyncio.create_task(self._reap_forever())
+            if self.placement is not None:
+                self.renewer = asyncio.create_task(self._renew_forever())
 
     async def _reap_forever(self) -> None:
         """Release sessions nobody uses: no client message and no read by any viewer for `session_idle_s` (a
-        connected viewer that stopped reading counts as gone), and ended sessions no viewer is reading."""
+        connected viewer that stopped reading counts as gone; checked often enough that it is released within
+        `session_idle_s` of its last sign of life), and ended sessions no viewer is reading."""
         idle_s = self.cfg.serve.session_idle_s
+        every = min(max(idle_s / 10, 0.5), 15.0)
         while True:
-            await asyncio.sleep(min(idle_s / 4, 15.0))
+            await asyncio.sleep(every)
             for sid, live in list(self.sessions.items()):
                 ended = live.driver.closed.is_set() and not live.driver.subscribers
-                if ended or live.driver.idle_s() > idle_s:
+                if ended or live.driver.idle_s() > idle_s - every:
                     await self._release(sid)
+
+    async def _renew_forever(self) -> None:
+        """This Ingress's heartbeat to Placement: the leases of the sessions it streams (a lease not renewed for
+        `lease_ttl_s` is freed: its Ingress died). Queued sessions keep their place by asking for it."""
+        every = self.cfg.serve.admission.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(every)
+            leases = {sid: live.leased() for sid, live in self.sessions.items() if live.queue is None}
+            try:
+                await self.placement.call("renew", self.holder, leases)
+            except Exception:  # noqa: BLE001 - Placement restarting: the next renewal rebuilds its leases
+                pass
 
     async def _release(self, session_id: str, reason: str = "ended") -> None:
         """End a session at once for its viewers; its stages are freed in the background (a busy replica answers
@@ -237,6 +266,7 @@ class Ingress:
     async def create_session(
         self,
         request: Request,
+        response: Response,
         image: UploadFile | None = File(None, description="reference portrait (PNG/JPEG/WebP...)"),
         portrait: str | None = Form(None, description="or the name of a bundled portrait"),
         persona: str = Form("a friendly assistant", max_length=500),
@@ -256,18 +286,27 @@ class Ingress:
             session_id = secrets.token_urlsafe(12)
             persona = persona.strip() or "a friendly assistant"
             spec = SessionSpec(session_id, reference, persona, prompt, seed, mode or self.cfg.serve.mode)
-            live = Live(spec, self.cfg, self.handles)
-            try:
-                await asyncio.gather(live.open_chat(), live.open_ear())
-            except StageLost as lost:
-                raise HTTPException(503, f"{lost}; try again", headers={"Retry-After": "10"}) from None
+            live = Live(spec, self.cfg, self.handles, self.placement)
+            queue = await self._admit(live)
+            if queue is None:
+                try:
+                    await asyncio.gather(live.open_chat(), live.open_ear())
+                except StageLost as lost:
+                    await live.release()
+                    raise HTTPException(503, f"{lost}; try again", headers={"Retry-After": "10"}) from None
             self.sessions[session_id] = live
         finally:
             self.starting -= 1
-        live.start()
+        if queue is None:
+            live.start()
+        else:
+            live.wait_for_slots(self.holder, queue)
         self._ensure_reaper()
         base = f"{request.scope.get('root_path', '')}/v1/sessions/{session_id}"  # behind a route prefix too
+        if queue is not None:  # 202: accepted, streams once slots free up (`queued` events on the WebSocket)
+            response.status_code = 202
         return {
+            "queue": queue,
             "session_id": session_id,
             "fps": self.cfg.video.fps,
             "sample_rate": self.cfg.audio.sample_rate,
@@ -276,6 +315,29 @@ class Ingress:
             "ws": f"{base}/ws",
             "stream": f"{base}/stream",
         }
+
+    async def _admit(self, live: Live) -> dict | None:
+        """Lease slots for a new session: None when it may stream now, its place in the queue when it must wait;
+        a full queue is a 503 whose Retry-After says when to come back."""
+        if self.placement is None:
+            return None
+        sid, retry = live.spec.session_id, str(self.cfg.serve.admission.retry_after_s)
+        try:
+            answer = await self.placement.call("admit", sid, self.holder)
+        except Exception:  # noqa: BLE001 - Placement restarting
+            raise HTTPException(503, "placement is restarting; try again", headers={"Retry-After": retry}) from None
+        if "full" in answer:
+            metrics.record(metrics.SERVE_ADMISSIONS, outcome="refused")
+            full = answer["full"]
+            wait = max(int(self.cfg.serve.admission.retry_after_s), int(full["estimated_wait_s"] or 0))
+            detail = f"every real-time slot is taken and {full['queue']} sessions are waiting; try again later"
+            raise HTTPException(503, detail, headers={"Retry-After": str(wait)})
+        if "lease" in answer:
+            metrics.record(metrics.SERVE_ADMISSIONS, outcome="admitted")
+            live.place(answer["lease"])
+            return None
+        metrics.record(metrics.SERVE_ADMISSIONS, outcome="queued")
+        return answer["queued"]
 
     async def _reference(self, image: UploadFile | None, portrait: str | None) -> bytes:
         """The reference image's bytes, checked here (format, size, pixel bombs); the Denoiser decodes them."""

@@ -25,18 +25,23 @@ from livetalk_ray.serving.stage import Stage, StageLost
 
 STAGE_NAMES = {"denoiser": "Denoiser", "decoder": "VAEDecoder", "llm": "LLM", "speech": "Speech", "asr": "ASR"}
 MAX_TURNS = 8  # turns waiting to be answered, per session
+QUEUE_POLL_S = 0.5  # how often a queued session asks Placement for its slots
 
 
 class Live:
     """A session in this ingress: its driver plus the conversation (LLM → speech → driver)."""
 
-    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict) -> None:
+    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, handles: dict, placement=None) -> None:
+        """`placement`: a PlacementClient when the app admits sessions into leased slots (serving/placement.py)."""
         self.spec, self.cfg = spec, cfg
         sid = spec.session_id
         probe_after_s = cfg.block_seconds  # a lost replica is noticed within two block times
         stages = {name: Stage(STAGE_NAMES[name], handle, sid, probe_after_s) for name, handle in handles.items()}
         self.llm, self.speech = stages["llm"], stages["speech"]
-        self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"])
+        self.placement = placement
+        self.driver = SessionDriver(spec, cfg, stages["denoiser"], stages["decoder"], placement)
+        self.queue: dict | None = None  # {"position", "estimated_wait_s"} while waiting for slots
+        self.admitter: asyncio.Task | None = None
         self.turns: deque[Turn] = deque()
         self.turn_ready = asyncio.Event()
         self.current: Turn | None = None  # the turn being answered
@@ -48,6 +53,56 @@ class Live:
         self.watcher: asyncio.Task | None = None
         self.state = "listening"
         self.ear = Ear(self, stages["asr"]) if spec.mode == "conversation" and "asr" in stages else None
+
+    def place(self, lease: dict[str, str | None]) -> None:
+        """Stream on the replicas Placement leased (stage name → replica id)."""
+        self.driver.denoiser.place(lease.get(self.driver.denoiser.name))
+        self.driver.decoder.place(lease.get(self.driver.decoder.name))
+
+    def leased(self) -> dict[str, str | None]:
+        """Where the session streams now (renewed with Placement, which rebuilds a lost lease from it)."""
+        return {stage.name: stage.replica for stage in (self.driver.denoiser, self.driver.decoder)}
+
+    def wait_for_slots(self, holder: str, queue: dict) -> None:
+        """A session admitted to the queue: it starts once Placement leases it slots. Until then its viewers hear
+        `queued` (position, estimated wait) whenever that changes."""
+        self.queue = queue
+        self.admitter = asyncio.create_task(self._wait_for_slots(holder))
+
+    async def _wait_for_slots(self, holder: str) -> None:
+        sid, enqueued, told = self.spec.session_id, time.monotonic(), None
+        try:
+            while True:
+                try:
+                    answer = await self.placement.call("admit", sid, holder)
+                except Exception:  # noqa: BLE001 - Placement restarting: keep the place, ask again
+                    answer = {"queued": self.queue}
+                if "lease" in answer:
+                    break
+                if "full" in answer:  # dropped from the queue (Placement restarted and filled up meanwhile)
+                    raise StageLost("Placement", "has no slot for this session any more; create it again")
+                self.queue = answer["queued"]
+                if self.driver.subscribers:  # a viewer waits with it: not idle (there are no blocks to read yet)
+                    self.driver.last_activity = time.monotonic()
+                if self.queue != told:
+                    told = self.queue
+                    self.driver.publish({"type": "queued", **self.queue})
+                await asyncio.sleep(QUEUE_POLL_S)
+            metrics.record(metrics.SERVE_QUEUE_WAIT_SECONDS, time.monotonic() - enqueued)
+            self.queue = None
+            self.place(answer["lease"])
+            await asyncio.gather(self.open_chat(), self.open_ear())
+            self.driver.publish({"type": "admitted", "waited_s": round(time.monotonic() - enqueued, 2)})
+            self.spec.created = time.monotonic()  # first-frame latency counts from here
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the viewer hears why, the server stays up
+            message = str(exc) if isinstance(exc, StageLost) else "the session could not start"
+            self.driver.publish(error_event("session_lost", message, session_id=sid, exc=exc))
+            self.driver.end_reason = "session_lost"
+            await self.driver.stop("session_lost")
+            return
+        self.start()
 
     def start(self) -> None:
         self.driver.start()
@@ -61,6 +116,8 @@ class Live:
         subscriber = self.driver.subscribe()
         if not self.driver.closed.is_set():
             subscriber.offer({"type": "state", "state": self.state, "mode": self.spec.mode})
+            if self.queue is not None:  # not streaming yet: where it stands in the queue
+                subscriber.offer({"type": "queued", **self.queue})
         return subscriber
 
     def set_state(self, state: str) -> None:
@@ -86,7 +143,9 @@ class Live:
             "reprimes": d.reprimes,
             "closed": d.closed.is_set(),
             "mode": self.spec.mode,
-            "state": self.state,
+            "state": "queued" if self.queue is not None else self.state,
+            "queue": self.queue,
+            "migrations": d.migrations,
         }
 
     async def receive(self, ws: WebSocket) -> None:
@@ -247,7 +306,7 @@ class Live:
 
     async def stop(self, reason: str = "ended") -> None:
         """End the session now for its viewers; `release` frees the stages (it may take longer)."""
-        for task in (self.talker, self.watcher, self.turn_task):
+        for task in (self.admitter, self.talker, self.watcher, self.turn_task):
             if task is not None:
                 task.cancel()
         if self.ear is not None:
@@ -260,6 +319,8 @@ class Live:
         if self.ear is not None:
             calls.append(self.ear.stage.call("close", sid, timeout=RELEASE_TIMEOUT_S))
         await asyncio.gather(*calls, return_exceptions=True)
+        if self.placement is not None:  # after the stages: the freed slots must really be free
+            await asyncio.gather(self.placement.call("release", sid, timeout=RELEASE_TIMEOUT_S), return_exceptions=True)
 
 
 class _Bucket:

@@ -1,8 +1,10 @@
 """Load generator for a running server: N concurrent WebSocket sessions for a fixed time, as real clients.
 
 Each session POSTs a bundled portrait, reads its WebSocket like a browser (every block, every event) and
-DELETEs itself at the end. Reported: sessions dropped (closed early, error event, or failed to start),
-time to first frame, the gap between consecutive blocks (p50/p99), frames per second per session, and —
+DELETEs itself at the end. Reported: sessions admitted at once, queued (202, and how long they waited for
+slots) and refused (503: not a drop, the server said so), sessions dropped (closed early, error event, or failed
+to start), how many admitted sessions held real time (inter-block gap p99 ≤ 1.2x the block), time to first frame,
+the gap between consecutive blocks (p50/p99), frames per second per session, migration pauses, and —
 when a memory probe is given (the server runs on this machine) — the resident memory of every Serve
 replica over the run, so a leak shows as growth after warm-up.
 
@@ -11,6 +13,7 @@ replica over the run, so a leak shows as growth after warm-up.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -32,11 +35,26 @@ class SessionResult:
     ttff_s: float | None = None  # POST sent → first block received
     arrivals: list[float] = field(default_factory=list)
     block_frames: list[int] = field(default_factory=list)
+    fps: int | None = None
     error: str | None = None  # why the session counts as dropped
+    admission: str = "admitted"  # admitted | queued | refused
+    queue_wait_s: float | None = None  # a queued session: POST → its `admitted` event
+    migration_pauses: list[float] = field(default_factory=list)  # `migrated` events: the stream's pause per move
+
+    @property
+    def real_time(self) -> bool | None:
+        """Whether the stream kept real time: gap p99 ≤ 1.2x its block's play time (None: too few blocks)."""
+        if len(self.gaps) < 4 or not self.fps:
+            return None
+        block_s = float(np.median(self.block_frames[1:])) / self.fps
+        return float(np.percentile(self.gaps, 99)) <= REAL_TIME_SLACK * block_s
 
     @property
     def gaps(self) -> list[float]:
         return list(np.diff(self.arrivals[1:])) if len(self.arrivals) > 2 else []  # block 0 → 1 includes priming
+
+
+REAL_TIME_SLACK = 1.2  # a block may arrive this many block times after the one before and still count as real time
 
 
 @dataclass
@@ -45,6 +63,14 @@ class LoadReport:
     seconds: float
     dropped: int
     errors: list[str]
+    admitted: int  # at once (201)
+    queued: int  # 202: waited for slots
+    refused: int  # 503 with Retry-After: the queue was full
+    held_real_time: int  # streaming sessions whose gap p99 stayed ≤ 1.2x the block time
+    queue_wait_p50_s: float | None
+    queue_wait_max_s: float | None
+    migrations: int
+    migration_pause_max_s: float | None
     ttff_p50_s: float | None
     ttff_p99_s: float | None
     gap_p50_s: float | None
@@ -62,8 +88,13 @@ class LoadReport:
         def fmt(value: float | None, unit: str = "s") -> str:
             return "–" if value is None else f"{value:.3f} {unit}"
 
+        streaming = self.sessions - self.refused - self.dropped
         rows = [
+            ("admitted / queued / refused (503)", f"{self.admitted} / {self.queued} / {self.refused}"),
             ("sessions dropped", f"{self.dropped} of {self.sessions}"),
+            ("streaming sessions at real time (gap p99 ≤ 1.2x block)", f"{self.held_real_time} of {streaming}"),
+            ("queue wait p50 / max", f"{fmt(self.queue_wait_p50_s)} / {fmt(self.queue_wait_max_s)}"),
+            ("migrations, longest pause", f"{self.migrations}, {fmt(self.migration_pause_max_s)}"),
             ("time to first frame p50 / p99", f"{fmt(self.ttff_p50_s)} / {fmt(self.ttff_p99_s)}"),
             ("inter-block gap p50 / p99", f"{fmt(self.gap_p50_s)} / {fmt(self.gap_p99_s)}"),
             ("frames per second per session", "–" if self.fps_per_session is None else f"{self.fps_per_session:.1f}"),
@@ -86,10 +117,16 @@ def _one_session(base: str, token: str | None, portrait: str, seconds: float, re
     try:
         t0 = time.perf_counter()
         reply = httpx.post(base + "/v1/sessions", data={"portrait": portrait}, headers=headers, timeout=120)
-        if reply.status_code != 201:
+        if reply.status_code == 503 and "Retry-After" in reply.headers:
+            result.admission = "refused"
+            return
+        if reply.status_code not in (201, 202):
             result.error = f"POST /v1/sessions: {reply.status_code} {reply.text[:200]}"
             return
         session = reply.json()
+        result.fps = session["fps"]
+        if reply.status_code == 202:
+            result.admission = "queued"
         origin = urlsplit(base)._replace(path="", query="").geturl()  # the ws path carries any route prefix
         url = origin.replace("http", "ws", 1) + session["ws"] + (f"?token={token}" if token else "")
         end = time.monotonic() + seconds
@@ -105,6 +142,10 @@ def _one_session(base: str, token: str | None, portrait: str, seconds: float, re
                 elif '"error"' in message:
                     result.error = f"error event: {message[:200]}"
                     return
+                elif '"admitted"' in message:
+                    result.queue_wait_s = time.perf_counter() - t0
+                elif '"migrated"' in message:
+                    result.migration_pauses.append(json.loads(message)["pause_s"])
         httpx.delete(base + f"/v1/sessions/{session['session_id']}", headers=headers, timeout=60)
     except Exception as exc:  # noqa: BLE001 - any failure drops this session; the report says which
         result.error = f"{type(exc).__name__}: {exc}"
@@ -185,11 +226,21 @@ def run_load(
     gaps = [g for r in results for g in r.gaps]
     fps = [sum(r.block_frames[1:]) / (r.arrivals[-1] - r.arrivals[0]) for r in results if len(r.arrivals) > 2]
     errors = [f"session {r.index}: {r.error}" for r in results if r.error]
+    waits = [r.queue_wait_s for r in results if r.queue_wait_s is not None]
+    pauses = [p for r in results for p in r.migration_pauses]
     return LoadReport(
         sessions=sessions,
         seconds=seconds,
         dropped=len(errors),
         errors=errors,
+        admitted=sum(r.admission == "admitted" for r in results),
+        queued=sum(r.admission == "queued" for r in results),
+        refused=sum(r.admission == "refused" for r in results),
+        held_real_time=sum(bool(r.real_time) for r in results if not r.error),
+        queue_wait_p50_s=_percentile(waits, 50),
+        queue_wait_max_s=max(waits, default=None),
+        migrations=len(pauses),
+        migration_pause_max_s=max(pauses, default=None),
         ttff_p50_s=_percentile(ttffs, 50),
         ttff_p99_s=_percentile(ttffs, 99),
         gap_p50_s=_percentile(gaps, 50),

@@ -13,6 +13,10 @@ re-primed). `SessionRouter` keeps the ring's strict affinity and retry loop but 
   session there and the driver re-primes it;
 - `close` unpins; a pin unused for `pin_idle_s` is forgotten (a session that ended without close).
 
+A call may also name its replica: routing key `<session>@<replica id>` (serving/placement.py leases a Denoiser
+and a VAEDecoder replica per session, one placement for every Ingress). It goes to that replica while it is a
+candidate; once it is not (stopped, draining), the session's pin decides, and the call finds no session there.
+
 A router lives in each caller process (an Ingress replica) and counts the sessions that caller pinned;
 every session is driven by one Ingress, so the counts are exact per Ingress and balanced overall.
 Calls without a session id are spread by the hash ring.
@@ -29,6 +33,12 @@ from ray.serve.experimental.consistent_hash_router import ConsistentHashRouter
 
 DEFAULT_PIN_IDLE_S = 3600.0
 RELEASE_METHOD = "close"
+TARGET_SEPARATOR = "@"
+
+
+def routing_key(session_id: str, replica: str | None) -> str:
+    """The key that sends a session's call to `replica` (a Serve replica's full id), or to its pin (None)."""
+    return f"{session_id}{TARGET_SEPARATOR}{replica}" if replica else session_id
 
 
 def _tie_break(session_id: str, replica: Hashable) -> bytes:
@@ -76,10 +86,15 @@ class SessionRouter(ConsistentHashRouter):
         super().initialize_state(**kwargs)
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
-        session_id = pending_request.metadata.session_id if pending_request is not None else None
-        if not candidate_replicas or not session_id:
+        key = pending_request.metadata.session_id if pending_request is not None else None
+        if not candidate_replicas or not key:
             return await super().choose_replicas(candidate_replicas, pending_request)
         pending_request.routing_context.should_backoff = True  # wait for the pinned replica, never reroute
+        session_id, _, target = key.partition(TARGET_SEPARATOR)
+        if target:
+            named = [r for r in candidate_replicas if r.replica_id.to_full_id_str() == target]
+            if named:
+                return [named]
         by_id = {replica.replica_id: replica for replica in candidate_replicas}
         release = pending_request.metadata.call_method == RELEASE_METHOD
         chosen = self._pins.route(session_id, sorted(by_id, key=str), release=release)

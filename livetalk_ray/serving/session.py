@@ -88,9 +88,13 @@ class Subscriber:
 
 
 class SessionDriver:
-    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, denoiser: Stage, decoder: Stage) -> None:
+    def __init__(self, spec: SessionSpec, cfg: LiveTalkConfig, denoiser: Stage, decoder: Stage, placement=None) -> None:
+        """`placement`: a PlacementClient (serving/placement.py) when the stages' replicas are leased, else None
+        (in-process stages, or routing by pin alone)."""
         self.spec, self.cfg = spec, cfg
         self.denoiser, self.decoder = denoiser, decoder
+        self.placement = placement
+        self.migrations = 0  # moves of this session to another replica (a drain), each without a re-prime
         self.speech: deque[tuple[np.ndarray, object]] = deque()  # (samples, tag): what is still to be spoken
         self.queued_samples = 0  # total length of `speech`, kept so the backlog check is O(1)
         self.in_flight: deque[list] = deque()  # [block, its decode task, its sound, its speech parts], oldest first
@@ -264,6 +268,9 @@ class SessionDriver:
                         self.end_reason = "session_lost"
                         return
                     metrics.record(metrics.SERVE_REPRIMES)
+                    if self.placement is not None:  # re-prime on a replica other than the one that lost it
+                        stage = self.denoiser if lost.stage == self.denoiser.name else self.decoder
+                        await self.placement.reassign(stage)
                     reprimed = {"type": "reprimed", "stage": lost.stage, "reason": str(lost), "count": self.reprimes}
                     self.publish(reprimed)
         except asyncio.CancelledError:
@@ -291,7 +298,8 @@ class SessionDriver:
 
     async def _stream(self) -> None:
         s, fps, timeout = self.spec, self.cfg.video.fps, self.cfg.serve.stage_timeout_s
-        self.denoiser.replica = self.decoder.replica = None  # opened wherever the router places it now
+        if self.placement is None:
+            self.denoiser.replica = self.decoder.replica = None  # opened wherever the router places it now
         needed = await self.denoiser.call(
             "open", s.session_id, s.image, s.prompt, s.seed, timeout=self.cfg.serve.open_timeout_s
         )
@@ -299,8 +307,12 @@ class SessionDriver:
         self.pushed, self.pushed_tags = heard, deque()
         self.pace_origin = time.monotonic() - self.frames_made / fps  # a re-primed stream does not race to catch up
         self._mark("primed_s")
-        await self.denoiser.locate(timeout)
-        in_flight = self.in_flight
+        if self.denoiser.replica is None:  # placed by the router's pin: learn where
+            await self.denoiser.locate(timeout)
+        # Placed (admitted into a slot, so due at real time): after the first block, a streaming call unanswered this
+        # long means the stage stopped answering for this session.
+        stall = self.cfg.serve.admission.stall_blocks * self.cfg.block_seconds if self.placement else timeout
+        in_flight, block_timeout = self.in_flight, timeout  # the first block of a stream may warm a replica up
         try:
             while not self.closed.is_set():
                 await self._pace()
@@ -312,17 +324,21 @@ class SessionDriver:
                     start += n
                 heard.push(audio)
                 called, self.waiting_for = time.monotonic(), self.denoiser.name
-                block, needed = await self.denoiser.call("next_block", s.session_id, audio, timeout=timeout)
+                call = ("next_block", s.session_id, audio)
+                block, needed = await self._placed_call(self.denoiser, *call, timeout=block_timeout)
+                block_timeout = min(timeout, stall)
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
                 sound, parts = self._block_sound(heard, block)
-                in_flight.append([block, asyncio.create_task(self._decode(block)), sound, parts])
+                previous = in_flight[-1][1] if in_flight else None
+                decode = asyncio.create_task(self._decode(block, min(timeout, stall), previous))
+                in_flight.append([block, decode, sound, parts])
                 # Publish the oldest block once `blocks_in_flight` are out. Block 0 always at once: the first frame
                 # is what a user waits for, and block 1 is not due until block 0 has played.
                 while in_flight and (len(in_flight) >= self.cfg.serve.blocks_in_flight or block.index == 0):
                     await self._publish_oldest(fps)
-                if block.index == 0:
+                if block.index == 0 and self.decoder.replica is None:
                     await self.decoder.locate(timeout)
             while in_flight:
                 await self._publish_oldest(fps)
@@ -393,13 +409,38 @@ class SessionDriver:
         metrics.record(metrics.SERVE_BLOCKS)
         metrics.record(metrics.SERVE_FRAMES, len(jpegs))
 
-    async def _decode(self, block) -> list[bytes]:
+    async def _decode(self, block, timeout: float, previous: asyncio.Task | None) -> list[bytes]:
         called = time.monotonic()
         # Block 0 opens the stream on the decoder, which may first have to start a replica (like `open`).
-        timeout = self.cfg.serve.open_timeout_s if block.index == 0 else self.cfg.serve.stage_timeout_s
-        jpegs = await self.decoder.call("decode", self.spec.session_id, block.index, block.latents, timeout=timeout)
+        timeout = self.cfg.serve.open_timeout_s if block.index == 0 else timeout
+        args = (self.spec.session_id, block.index, block.latents)
+        jpegs = await self._placed_call(self.decoder, "decode", *args, timeout=timeout, after=previous)
         metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="decode")
         return jpegs
+
+    async def _placed_call(self, stage: Stage, method: str, *args, timeout: float, after: asyncio.Task | None = None):
+        """A streaming call that survives a drain: when the stage's replica moved the session elsewhere, the call is
+        sent again to the new replica (a call that found no session changed nothing), after the call before it
+        (`after`), so the moved decoder state sees its blocks in order. Otherwise `StageLost` (re-prime)."""
+        tried = stage.replica
+        try:
+            return await stage.call(method, *args, timeout=timeout)
+        except StageLost:
+            if self.placement is None or self.closed.is_set():
+                raise
+            lost_at = time.monotonic()
+            if after is not None:
+                await asyncio.gather(after, return_exceptions=True)
+            if stage.replica != tried:  # the call before this one found where the session went
+                return await stage.call(method, *args, timeout=timeout)
+            target = await self.placement.relocate(stage, 2 * self.cfg.block_seconds)
+            if target is None:
+                raise
+            stage.place(target)
+            result = await stage.call(method, *args, timeout=timeout)
+            self.migrations += 1
+            self.publish({"type": "migrated", "stage": stage.name, "pause_s": round(time.monotonic() - lost_at, 3)})
+            return result
 
     def _mark(self, name: str) -> None:
         """Seconds since the session was created at which the first block passed each step (the

@@ -12,8 +12,12 @@ import time
 
 from livetalk_ray import metrics
 from livetalk_ray.config import LiveTalkConfig
-from livetalk_ray.serving.autoscaling import SESSIONS_METRIC
+from livetalk_ray.serving.autoscaling import QUEUED_METRIC, SESSIONS_METRIC, SLOTS_METRIC
 from livetalk_ray.serving.batching import MicroBatcher
+
+REPORT_EVERY_S = 1.0  # how often a stage replica tells Placement it lives (serving/placement.py)
+REPORT_TIMEOUT_S = 5.0
+MOVE_ASK_S = 5.0  # a draining replica's calls to Placement (which may be stopping with it)
 
 
 class SessionLost(KeyError):
@@ -58,18 +62,88 @@ class SessionStage:
     """What the stateful stage deployments (Denoiser, VAEDecoder) share: sessions on `core.sessions`, a
     batcher over the core's batch function, idle reaping, and the numbers Serve and Prometheus read."""
 
-    name = ""  # the deployment's name, for metrics
+    name = ""  # the deployment's name, for metrics and placement
 
-    def _setup(self, cfg: LiveTalkConfig, core, run_batch) -> None:
+    def _setup(self, cfg: LiveTalkConfig, core, run_batch, placement=None, slots: int = 1) -> None:
+        """`placement`: the app's Placement handle (None in-process), told of this replica and its `slots`."""
         self.cfg, self.core = cfg, core
         self.batcher = MicroBatcher(run_batch, cfg.serve.batch_sessions, self.name)
         self.reaper: asyncio.Task | None = None
         self._trim_pending = False  # a release of freed memory is scheduled
+        self.placement, self.slots = placement, slots
+        self.draining = False
+        self.queued = 0  # sessions waiting for slots app-wide, as Placement last said (autoscaling demand)
+        self.reporter: asyncio.Task | None = None
+        if placement is not None:
+            try:  # Serve runs a sync constructor on the replica's event loop; report at once if it does
+                self.reporter = asyncio.get_running_loop().create_task(self._report_forever())
+            except RuntimeError:
+                pass
 
     def _start_reaper(self) -> None:  # needs the replica's running event loop, which __init__ may not have
         if self.reaper is None:
             idle_s = self.cfg.serve.session_idle_s
             self.reaper = asyncio.create_task(reap_forever(self.core.sessions, idle_s, self._memory_back))
+        if self.placement is not None and self.reporter is None:
+            self.reporter = asyncio.create_task(self._report_forever())
+
+    async def _report_forever(self) -> None:
+        """Tell Placement every second that this replica lives, its slots, and whether it drains."""
+        me = replica_actor_name()
+        while True:
+            try:
+                report = self.placement.report.remote(self.name, me, self.slots, self.draining)
+                self.queued = await asyncio.wait_for(report, REPORT_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - Placement restarting: the next report re-registers this replica
+                pass
+            await asyncio.sleep(REPORT_EVERY_S)
+
+    def __del__(self):
+        """Serve's graceful shutdown (scale-in, redeploy) calls this once the replica takes no new calls and awaits
+        what it returns: the drain. Garbage collection of an in-process stage (no Placement) drains nothing."""
+        if getattr(self, "placement", None) is None or self.draining:
+            return None
+        self.draining = True
+        return self._drain()
+
+    async def _drain(self) -> None:
+        """Move every session of this replica to the replica Placement names, so its stream goes on where it was
+        instead of being re-primed."""
+        from ray import serve
+
+        if not len(self.core.sessions):  # nothing to move (e.g. the app is being deleted after its sessions)
+            return
+        context = serve.get_replica_context()
+        try:  # Placement may be stopping too (the whole app is being deleted): then nothing can move
+            moves = await asyncio.wait_for(self.placement.drain.remote(self.name, replica_actor_name()), MOVE_ASK_S)
+        except Exception:  # noqa: BLE001 - the sessions re-prime wherever they are placed next
+            return
+        peers = serve.get_deployment_handle(context.deployment, context.app_name)
+        await asyncio.gather(*(self._move(peers, sid, target) for sid, target in moves))
+
+    async def _move(self, peers, session_id: str, target: str | None) -> None:
+        """Export one session, import it on `target`, and tell Placement where it lives now (None: lost)."""
+        from livetalk_ray.serving.routing import routing_key
+
+        started, placed = time.monotonic(), None
+        try:
+            snapshot = await self.batcher.exclusive(self.core.export_session, session_id, True)
+            if target is not None:
+                call = peers.options(session_id=routing_key(session_id, target)).import_session.remote(
+                    session_id, snapshot
+                )
+                await asyncio.wait_for(call, self.cfg.serve.stage_timeout_s)
+                placed = target
+        except Exception:  # noqa: BLE001 - the session re-primes where Placement puts it next
+            placed = None
+        try:
+            await asyncio.wait_for(self.placement.moved.remote(session_id, self.name, placed), MOVE_ASK_S)
+        except Exception:  # noqa: BLE001 - its driver finds the session where it is, or re-primes it
+            pass
+        outcome = "moved" if placed else "lost"
+        metrics.record(metrics.SERVE_MIGRATIONS, stage=self.name, outcome=outcome)
+        if placed:
+            metrics.record(metrics.SERVE_MIGRATION_SECONDS, time.monotonic() - started, stage=self.name)
 
     async def close(self, session_id: str) -> bool:
         closed = self.core.close(session_id)
@@ -100,7 +174,11 @@ class SessionStage:
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve calls this on every metrics push; the SessionLoad policy scales on it."""
-        return {SESSIONS_METRIC: float(len(self.core.sessions))}
+        return {
+            SESSIONS_METRIC: float(len(self.core.sessions)),
+            QUEUED_METRIC: float(self.queued),
+            SLOTS_METRIC: float(self.slots),
+        }
 
     async def check_health(self) -> None:
         """Serve's periodic health check (every 10 s): also refreshes the sessions gauge, reaps included."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from livetalk_ray.serving.routing import routing_key
 from livetalk_ray.serving.sessions import SessionLost
 
 PROBE_EVERY_S = 0.25  # how often a waiting call checks that the replica holding its session still exists
@@ -51,9 +52,16 @@ class Stage:
     def __init__(self, name: str, target, session_id: str, probe_after_s: float = 1.0) -> None:
         self.name, self.session_id, self.probe_after_s = name, session_id, probe_after_s
         is_handle = hasattr(target, "options") and hasattr(target, "deployment_name")
+        self.handle = target
         self.target = target.options(session_id=session_id) if is_handle else target
         self.is_handle = is_handle
         self.replica: str | None = None  # the actor name of the replica holding the session, once located
+
+    def place(self, replica: str | None) -> None:
+        """Send the session's calls to `replica` (a lease from serving/placement.py); None: to its router pin."""
+        if self.is_handle:
+            self.target = self.handle.options(session_id=routing_key(self.session_id, replica))
+            self.replica = replica
 
     async def locate(self, timeout: float) -> None:
         """Ask the replica that now holds the session for its name (after it was opened or moved there)."""

@@ -57,9 +57,12 @@ class DecoderCore:
             raise result
         return result
 
-    def export_session(self, session_id: str) -> dict:
-        """The session's decoder state for another replica; the session stays here until closed."""
-        return self.sessions.get(session_id).snapshot()
+    def export_session(self, session_id: str, forget: bool = False) -> dict:
+        """The session's decoder state for another replica; it stays here until closed unless `forget` (a drain)."""
+        snapshot = self.sessions.get(session_id).snapshot()
+        if forget:
+            self.sessions.close(session_id)
+        return snapshot
 
     def import_session(self, session_id: str, snapshot: dict) -> None:
         self.sessions.put(session_id, self.vae.stream().restore(snapshot))
@@ -74,18 +77,19 @@ class VAEDecoder(SessionStage):
 
     name = "VAEDecoder"
 
-    def __init__(self, cfg: dict) -> None:
+    def __init__(self, cfg: dict, placement=None) -> None:
         bind_replica_server_to_node_address()
         config = LiveTalkConfig.model_validate(cfg)
         core = DecoderCore(config)
-        self._setup(config, core, core.decode_many)
+        slots = config.serve.admission.slots(config.preset, str(core.vae.device), config.vae.decoder)[1]
+        self._setup(config, core, core.decode_many, placement, slots)
 
     async def decode(self, session_id: str, block_index: int, latents: torch.Tensor) -> list[bytes]:
         self._start_reaper()
         return await self.batcher.submit(session_id, (session_id, block_index, latents))
 
-    async def export_session(self, session_id: str) -> dict:
-        return await self.batcher.exclusive(self.core.export_session, session_id)
+    async def export_session(self, session_id: str, forget: bool = False) -> dict:
+        return await self.batcher.exclusive(self.core.export_session, session_id, forget)
 
     async def import_session(self, session_id: str, snapshot: dict) -> None:
         self._start_reaper()

@@ -39,6 +39,9 @@ def server(ray_cluster):
             "serve.messages_per_s=5",
             "serve.llm.max_new_tokens=24",
             "serve.llm.temperature=0",
+            # Many tests share this app, some with several sessions at once: admission is tested in its own apps.
+            "serve.admission.denoiser_slots=16",
+            "serve.admission.decoder_slots=16",
         ],
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})

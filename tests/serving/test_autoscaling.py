@@ -1,6 +1,6 @@
-"""Autoscaling on session load: a Denoiser with min 1 / max 2 replicas and the SessionLoad policy (2 sessions
-per replica) scales up while 3 sessions stream and back down when they end. Its own app (route prefix
-/scale) beside the shared one."""
+"""Autoscaling on session load: a Denoiser with min 1 / max 2 replicas, 2 real-time slots each, and the SessionLoad
+policy scales up when a third session waits in the admission queue (the queue is demand), admits it on the new
+replica, and scales back down when they end. Its own app (route prefix /scale) beside the shared one."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def denoiser_replicas() -> int:
 
 
 def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
-    cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000"])  # unpaced: all load
+    slots = ["serve.admission.denoiser_slots=2", "serve.admission.decoder_slots=4"]
+    cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000", *slots])  # unpaced
     tiny = {"ray_actor_options": {"num_cpus": 0.1}}
     overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
     overrides["Denoiser"] = {
@@ -39,7 +40,6 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
             "look_back_period_s": 4,
             "policy": {
                 "policy_function": "livetalk_ray.serving.autoscaling:SessionLoad",
-                "policy_kwargs": {"sessions_per_replica": 2},
             },
         },
     }
@@ -52,6 +52,7 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
 
         failures: list[BaseException] = []
         reprimed: list[str] = []
+        admitted: list[str] = []  # sessions that waited in the queue, then got their slots
 
         def session() -> None:
             try:
@@ -61,6 +62,8 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
                         message = ws.recv(timeout=60)  # read everything: the driver never waits for us
                         if isinstance(message, str) and '"reprimed"' in message:
                             reprimed.append(message)
+                        if isinstance(message, str) and '"admitted"' in message:
+                            admitted.append(message)
                 httpx.delete(base + f"/v1/sessions/{reply['session_id']}")
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 failures.append(exc)
@@ -69,7 +72,7 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
         for t in threads:
             t.start()
         deadline, peak = time.monotonic() + 180, 1
-        while time.monotonic() < deadline and peak < 2:
+        while time.monotonic() < deadline and (peak < 2 or not admitted):
             peak = max(peak, denoiser_replicas())
             time.sleep(1)
         stop.set()
@@ -77,6 +80,7 @@ def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
             t.join(timeout=60)
         assert not failures, failures
         assert peak == 2, "no scale-up under load"
+        assert admitted, "the queued session was never admitted on the new replica"
         assert not reprimed, reprimed  # sessions stay pinned: scaling up moves none of them
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and denoiser_replicas() != 1:

@@ -5,7 +5,9 @@ session ends with a `closed` event."""
 
 import asyncio
 import io
+import itertools
 import time
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.denoiser import Denoiser
+from livetalk_ray.serving.placement import Placement, PlacementClient
 from livetalk_ray.serving.protocol import decode_block
 from livetalk_ray.serving.session import SessionDriver, SessionSpec
 from livetalk_ray.serving.stage import Stage
@@ -286,3 +289,74 @@ def test_a_tiny_decoder_tier_streams_the_same_blocks(stages):
     blocks = asyncio.run(main())
     assert [len(jpegs) for _, jpegs, _ in blocks] == [9, 12, 12]
     assert Image.open(io.BytesIO(blocks[0][1][0])).size == (64, 64)
+
+
+class Local:
+    """A deployment object called the way a Serve handle is (`handle.method.remote(*args)` → awaitable)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str):
+        return types.SimpleNamespace(remote=getattr(self.target, name))
+
+
+class HangsOnce:
+    """A Denoiser that stops answering one session once, after `after` blocks of a stream; the others go on."""
+
+    def __init__(self, denoiser, victim: str, after: int) -> None:
+        self.denoiser, self.victim, self.after = denoiser, victim, after
+        self.made, self.hung_at = 0, None
+
+    async def open(self, session_id, *args):
+        if session_id == self.victim:  # counted per stream: the hang comes mid-stream, never at its first block
+            self.made = 0
+        return await self.denoiser.open(session_id, *args)
+
+    async def next_block(self, session_id, samples):
+        if session_id == self.victim and self.hung_at is None:
+            self.made += 1
+            if self.made > self.after:
+                self.hung_at = time.monotonic()
+                await asyncio.sleep(3600)
+        return await self.denoiser.next_block(session_id, samples)
+
+    async def close(self, session_id):
+        return await self.denoiser.close(session_id)
+
+
+def test_an_admitted_session_its_stage_stops_answering_is_reprimed_within_two_blocks_the_others_untouched(stages):
+    cfg = cfg_with()
+    block_s = cfg.block_seconds
+
+    async def main():
+        placement = PlacementClient(Local(Placement(cfg.model_dump(mode="json"))), timeout_s=5)
+        hangs = HangsOnce(stages[0], "victim", after=4)
+        drivers, readers = {}, {}
+        for sid in ("victim", "bystander"):
+            driver = driver_for(stages, sid=sid)
+            driver.placement = placement
+            driver.denoiser = Stage("Denoiser", hangs, sid)
+            drivers[sid], readers[sid] = driver, driver.subscribe()
+            driver.start()
+        arrivals, reprimed_at = {"victim": [], "bystander": []}, None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (reprimed_at is None or len(arrivals["victim"]) < 8):
+            for sid, reader in readers.items():
+                while reader.items:
+                    item = await reader.get()
+                    if isinstance(item, bytes):
+                        arrivals[sid].append(time.monotonic())
+                    elif item["type"] == "reprimed":
+                        reprimed_at = (time.monotonic(), item)
+            await asyncio.sleep(0.01)
+        for driver in drivers.values():
+            await driver.close()
+        return hangs.hung_at, reprimed_at, arrivals
+
+    hung_at, (reprimed_at, event), arrivals = asyncio.run(main())
+    assert "did not answer `next_block`" in event["reason"], event
+    assert reprimed_at - hung_at <= 2 * block_s + 0.5, f"noticed after {reprimed_at - hung_at:.2f} s: {event}"
+    assert len(arrivals["victim"]) >= 8  # streams again after the re-prime
+    around = [b - a for a, b in itertools.pairwise(arrivals["bystander"]) if hung_at - 1 < b < reprimed_at + 3]
+    assert around and max(around) <= 1.5 * block_s, around  # the other session kept its pace

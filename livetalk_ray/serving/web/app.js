@@ -45,7 +45,13 @@ async function start() {
   $("start").disabled = true;
   const res = await fetch("/v1/sessions", { method: "POST", body: form, headers: authHeaders() });
   const body = await res.json();
-  if (!res.ok) { log(`could not start: ${res.status} ${body.detail}`, "err"); $("start").disabled = false; return; }
+  if (!res.ok) {
+    const retry = res.headers.get("Retry-After");
+    log(`could not start: ${res.status} ${body.detail}${retry ? ` (try again in ${retry} s)` : ""}`, "err");
+    $("start").disabled = false;
+    return;
+  }
+  if (res.status === 202) showQueue(body.queue);  // accepted: it streams once a slot frees up
   state.session = body;
   state.audio = new AudioContext({ sampleRate: body.sample_rate });
   state.base = null;
@@ -58,6 +64,13 @@ async function start() {
   state.ws.onmessage = (ev) => (typeof ev.data === "string" ? onEvent(JSON.parse(ev.data)) : onBlock(ev.data));
   state.ws.onclose = (ev) => { log(`session closed${ev.reason ? ": " + ev.reason : ""}`); setLive(false); };
   state.ws.onopen = () => { log(`session ${body.session_id} started`); setLive(true); };
+}
+
+function showQueue(queue) {
+  const wait = queue.estimated_wait_s == null ? "" : `, about ${Math.round(queue.estimated_wait_s)} s`;
+  $("state").textContent = `queued: #${queue.position}`;
+  $("state").className = "queued";
+  log(`every real-time slot is taken: you are number ${queue.position} in the queue${wait}`);
 }
 
 function setLive(live) {
@@ -76,6 +89,9 @@ function onEvent(ev) {
   else if (ev.type === "first_frame") { state.firstFrame = ev.latency_s; log(`first frame after ${ev.latency_s.toFixed(2)} s`); }
   else if (ev.type === "error") log(`error (${ev.code}): ${ev.message}${ev.incident ? " [incident " + ev.incident + "]" : ""}`, "err");
   else if (ev.type === "reprimed") log(`stream re-primed: ${ev.reason}`, "err");
+  else if (ev.type === "queued") showQueue(ev);
+  else if (ev.type === "admitted") { $("state").textContent = "listening"; log(`a slot is free after ${ev.waited_s} s: starting`); }
+  else if (ev.type === "migrated") log(`moved to another ${ev.stage} replica (${Math.round(ev.pause_s * 1000)} ms pause)`);
   else if (ev.type === "recovering") log(`${ev.reason}`, "err");
   else if (ev.type === "recovered") log(`the ${ev.stage} stage is back`);
   else if (ev.type === "delayed") log(`stream delayed ${ev.seconds} s: waiting for ${ev.waiting_for}`, "err");
