@@ -35,7 +35,7 @@ class SessionClient(threading.Thread):
             with connect(f"{url[0]}//{url[2]}{reply['ws']}", additional_headers=self.headers) as ws:
                 self.connected.set()
                 while not self.stop.is_set() and (self.max_blocks is None or len(self.blocks) < self.max_blocks):
-                    message = ws.recv(timeout=60)
+                    message = ws.recv(timeout=300)  # a queued session hears nothing until its place changes
                     if isinstance(message, str):
                         self.events.append(json.loads(message))
                         if self.events[-1]["type"] == "closed":

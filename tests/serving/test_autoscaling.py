@@ -22,8 +22,10 @@ def denoiser_replicas() -> int:
 
 
 def test_the_denoiser_scales_up_under_session_load_and_back_down(server):
+    # Paced sessions within what one tiny-decoder replica streams at real time: SessionLoad scales on sessions held
+    # and queued, not on compute, so the streams need not be unpaced to drive it.
     slots = ["serve.admission.denoiser_slots=2", "serve.admission.decoder_slots=4"]
-    cfg = load_config("toy", overrides=["model.num_layers=2", "serve.lead_blocks=1000", *slots])  # unpaced
+    cfg = load_config("toy", overrides=["model.num_layers=2", "vae.decoder=tiny", *slots])
     tiny = {"ray_actor_options": {"num_cpus": 0.1}}
     overrides = {name: tiny for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
     overrides["Denoiser"] = {
