@@ -4,9 +4,10 @@
    as a real process, then N concurrent sessions for M minutes. Sessions beyond the slots wait in the queue (202)
    and stream once a slot frees up; reported: admitted / queued / refused, how many streaming sessions held real
    time (gap p99 ≤ 1.2x the block), queue wait, drops, TTFF, gaps and replica memory over the run.
-2. Scale-in (`--drain-sessions`, 0 to skip): an app with 2 Denoiser replicas streams that many sessions; midway
-   the Denoiser is scaled to 1 replica. The stopping replica's sessions move to the other: reported are the
-   migrations, the longest pause a move caused, re-primes (none expected) and the gaps around the move.
+2. Scale-in (`--drain-sessions`, 0 to skip): an app with 2 Denoiser replicas (tiny decoder) streams that many
+   sessions; a third of the way in, autoscaling scales the Denoiser to 1 replica (the sessions fit its slots). The
+   stopping replica's sessions move to the other: reported are the migrations, the longest pause a move caused,
+   re-primes (none expected) and the gaps.
 
     .venv/bin/python bench/load.py [--sessions 4] [--minutes 2] [--drain-sessions 3] [--set vae.decoder=tiny]
                                    [--out bench/results/load.json]
@@ -46,7 +47,8 @@ def admission(args) -> dict:
 
 
 def scale_in(args) -> dict:
-    """Stream `--drain-sessions` sessions on 2 Denoiser replicas, scale to 1 a third of the way in, report."""
+    """Stream `--drain-sessions` sessions (tiny decoder: one decoder replica holds them at real time) on 2 Denoiser
+    replicas whose autoscaling (SessionLoad: they fit one replica's slots) scales in a third of the way in."""
     import ray
     from ray import serve
 
@@ -55,38 +57,46 @@ def scale_in(args) -> dict:
     from livetalk_ray.serving.app import build_app
     from livetalk_ray.serving.loadtest import run_load
 
-    def deployments(denoisers: int) -> dict:
-        same = {"version": "bench"}  # one version: a new replica count is a scale, not a restart
-        out = {name: dict(same) for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress", "Placement")}
-        out["Denoiser"] = {**same, "num_replicas": denoisers}
-        return out
-
+    seconds, n = args.minutes * 60, args.drain_sessions
+    env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}  # Serve's default push: every 10 s
+    denoiser = {
+        "ray_actor_options": {"num_cpus": 0.1, "runtime_env": {"env_vars": env}},
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 2,
+            "max_replicas": 2,
+            "downscale_delay_s": seconds / 3,  # from the app's start: the sessions stream by then
+            "policy": {"policy_function": "livetalk_ray.serving.autoscaling:SessionLoad"},
+        },
+    }
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    slots = [
-        f"serve.admission.denoiser_slots={args.drain_sessions}",
-        f"serve.admission.decoder_slots={args.drain_sessions}",
-    ]
-    cfg = load_config("toy", overrides=[*slots, *args.set])
+    slots = [f"serve.admission.denoiser_slots={n}", f"serve.admission.decoder_slots={n}"]
+    cfg = load_config("toy", overrides=["vae.decoder=tiny", *slots, *args.set])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg, overrides=deployments(2)), name=DRAIN_APP, route_prefix="/", blocking=False)
+        # Reservations are logical (a fractional-CPU replica computes on one thread): 0.1 each lets both Denoiser
+        # replicas and the rest fit the 2 CPUs.
+        small = {name: {"ray_actor_options": {"num_cpus": 0.1}} for name in ("VAEDecoder", "LLM", "Speech", "ASR")}
+        overrides = {**small, "Ingress": small["ASR"], "Denoiser": denoiser}
+        serve.run(build_app(cfg, overrides=overrides), name=DRAIN_APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, timeout_s=600)
-        seconds = args.minutes * 60
-        when = {}
+        started, scaled = time.monotonic(), {}
 
-        def scale() -> None:
-            time.sleep(seconds / 3)
-            when["scaled_at_s"] = round(seconds / 3, 1)
-            serve.run(build_app(cfg, overrides=deployments(1)), name=DRAIN_APP, route_prefix="/", blocking=False)
+        def watch() -> None:
+            while time.monotonic() - started < seconds + 30:
+                states = serve.status().applications[DRAIN_APP].deployments["Denoiser"].replica_states
+                if states.get("RUNNING", 0) < 2 and "scaled_in_at_s" not in scaled:
+                    scaled["scaled_in_at_s"] = round(time.monotonic() - started, 1)
+                time.sleep(0.5)
 
-        threading.Thread(target=scale, daemon=True).start()
-        report = run_load(url, args.drain_sessions, seconds).to_json()
+        threading.Thread(target=watch, daemon=True).start()
+        report = run_load(url, n, seconds).to_json()
         replicas = serve.status().applications[DRAIN_APP].deployments["Denoiser"].replica_states
-        report.update(when, denoiser_replicas_after=replicas, block_s=cfg.block_seconds)
+        report.update(scaled, denoiser_replicas_after=replicas, block_s=cfg.block_seconds)
         return report
     finally:
         serve.shutdown()

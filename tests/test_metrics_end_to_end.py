@@ -118,31 +118,47 @@ def serve_sessions_losing_the_denoiser(port: int) -> None:
 
 
 def serve_a_queue_and_a_drain(port: int) -> None:
-    """Admission and migration metrics: 2 Denoiser replicas of 1 slot each, 3 sessions (the third queued); the
-    Denoiser scaled to 1 replica moves its session; ending the first two admits the third."""
+    """Admission and migration metrics: 2 Denoiser replicas of 1 slot each and 3 sessions (the third queued);
+    autoscaling (told 4 sessions fit a replica) scales the Denoiser in, which moves the stopping replica's session;
+    ending the first two sessions admits the third."""
     from ray import serve
 
     from livetalk_ray.serving.app import build_app
 
     overrides = ["model.num_layers=2", "serve.admission.denoiser_slots=1", "serve.admission.decoder_slots=4"]
     cfg = load_config("toy", overrides=overrides)
-
-    def deployments(denoisers: int) -> dict:
-        small = {"ray_actor_options": {"num_cpus": 0.05}, "version": "metrics"}
-        out = {n: dict(small) for n in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress", "Placement")}
-        return {**out, "Denoiser": {**small, "num_replicas": denoisers}}
-
+    small = {"ray_actor_options": {"num_cpus": 0.05}}
+    deployments = {n: small for n in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
+    env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+    deployments["Denoiser"] = {
+        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": env}},
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 2,
+            "max_replicas": 2,
+            "downscale_delay_s": 30,
+            "policy": {
+                "policy_function": "livetalk_ray.serving.autoscaling:SessionLoad",
+                "policy_kwargs": {"sessions_per_replica": 4},
+            },
+        },
+    }
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg, overrides=deployments(2)), name="admission", route_prefix="/", blocking=False)
+    serve.run(build_app(cfg, overrides=deployments), name="admission", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, timeout_s=300)
+        placement = serve.get_deployment_handle("Placement", "admission")
+        deadline = time.monotonic() + 60
+        while len(placement.status.remote().result()["replicas"]["Denoiser"]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
         form = {"portrait": "bo", "mode": "puppet"}
         created = [httpx.post(base + "/v1/sessions", data=form, timeout=120) for _ in range(3)]
         assert [r.status_code for r in created] == [201, 201, 202], [r.text for r in created]
-        time.sleep(5)  # both admitted sessions stream
-        serve.run(build_app(cfg, overrides=deployments(1)), name="admission", route_prefix="/", blocking=False)
-        time.sleep(10)  # the stopping replica moves its session
+        deadline = time.monotonic() + 120  # the scale-in, and its move
+        while time.monotonic() < deadline and denoiser_count("admission") != 1:
+            time.sleep(1)
+        time.sleep(5)
         for reply in created[:2]:
             httpx.delete(base + f"/v1/sessions/{reply.json()['session_id']}", timeout=60)
         queued = created[2].json()["session_id"]
@@ -152,6 +168,12 @@ def serve_a_queue_and_a_drain(port: int) -> None:
         assert httpx.get(base + f"/v1/sessions/{queued}").json()["state"] != "queued"
     finally:
         serve.delete("admission")
+
+
+def denoiser_count(app: str) -> int:
+    from ray import serve
+
+    return serve.status().applications[app].deployments["Denoiser"].replica_states.get("RUNNING", 0)
 
 
 def test_every_metric_family_and_every_dashboard_panel_has_data(ray_cluster, tmp_path):

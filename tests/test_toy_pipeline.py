@@ -43,6 +43,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # 127 s: every stage of the chain; each stage has its own tests in the default run
 def test_whole_toy_chain_runs_and_resumes(ray_cluster, tmp_path):
     args = ["pipeline", "--out", str(tmp_path / "p"), *[x for s in TINY for x in ("--set", s)]]
     result = CliRunner().invoke(app, args)

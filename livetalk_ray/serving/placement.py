@@ -239,7 +239,9 @@ class Placement:
 
     def __init__(self, cfg: dict) -> None:
         from livetalk_ray.config import LiveTalkConfig
+        from livetalk_ray.serving.replica_ports import bind_replica_server_to_node_address
 
+        bind_replica_server_to_node_address()  # its gRPC server listens on the node's address, not on every one
         admission = LiveTalkConfig.model_validate(cfg).serve.admission
         self.book = PlacementBook(admission.max_queue, admission.lease_ttl_s)
         self.changed = asyncio.Event()  # set on every move's end, so `relocate` waits without polling hard

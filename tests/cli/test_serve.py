@@ -18,7 +18,7 @@ from ray.core.generated.gcs_service_pb2_grpc import NodeInfoGcsServiceStub
 
 from livetalk_ray.assets import TOY_DIR
 
-STAGES = {"Denoiser", "VAEDecoder", "LLM", "Speech", "ASR"}
+STAGES = {"Denoiser", "VAEDecoder", "LLM", "Speech", "ASR", "Placement"}
 
 
 def _free_port() -> int:

@@ -61,3 +61,18 @@ class SessionClient(threading.Thread):
         """Seconds between consecutive blocks from block `first` on (block 0 → 1 includes priming)."""
         indices = sorted(i for i in self.arrivals if i >= first)
         return [self.arrivals[b] - self.arrivals[a] for a, b in zip(indices, indices[1:], strict=False)]
+
+
+def wait_for_placement(app: str, denoisers: int, timeout_s: float = 60.0) -> dict:
+    """Placement's view once `denoisers` Denoiser replicas have reported to it (each does within a second of
+    starting; the app answers /healthz as soon as one replica of each stage is up)."""
+    from ray import serve
+
+    placement = serve.get_deployment_handle("Placement", app)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = placement.status.remote().result()
+        if len(status["replicas"]["Denoiser"]) >= denoisers or time.monotonic() > deadline:
+            assert len(status["replicas"]["Denoiser"]) >= denoisers, status
+            return status
+        time.sleep(0.2)

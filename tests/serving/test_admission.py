@@ -5,6 +5,7 @@ Each test has its own app beside the shared one."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -16,7 +17,7 @@ from livetalk_ray.cli.serve import wait_healthy
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.app import build_app
 from livetalk_ray.serving.routing import routing_key
-from tests.serving.clients import SessionClient
+from tests.serving.clients import SessionClient, wait_for_placement
 
 
 def tiny(**extra) -> dict:
@@ -101,28 +102,39 @@ def test_two_ingress_replicas_share_one_placement_and_never_overfill_a_denoiser(
     base = server + "/two"
     try:
         wait_healthy(base, timeout_s=300)
-        clients = [SessionClient(base, puppet(seed), blocks=3) for seed in range(4)]
-        for client in clients:  # all at once: each Ingress replica admits while the other does
-            client.start()
-        for client in clients:
-            client.connected.wait(120)
-        placement = serve.get_deployment_handle("Placement", "two")
-        status = placement.status.remote().result()
+        wait_for_placement("two", denoisers=2)
+        # All at once, so each Ingress replica admits while the other does. A session lives in the Ingress that
+        # created it, and Serve's proxy sends a later request (a WebSocket) to either: this test reads Placement
+        # and the Denoiser replicas instead of the streams.
+        replies: list[httpx.Response] = []
+        posts = [
+            threading.Thread(
+                target=lambda s=seed: replies.append(httpx.post(base + "/v1/sessions", data=puppet(s), timeout=120))
+            )
+            for seed in range(4)
+        ]
+        for thread in posts:
+            thread.start()
+        for thread in posts:
+            thread.join(timeout=150)
+        assert sorted(r.status_code for r in replies) == [201] * 4, [r.text for r in replies]
+        status = serve.get_deployment_handle("Placement", "two").status.remote().result()
         denoisers = status["replicas"]["Denoiser"]
-        held = {
-            replica: serve.get_deployment_handle("Denoiser", "two")
-            .options(session_id=routing_key("probe", replica))
-            .session_count.remote()
-            .result()
-            for replica in denoisers
-        }
-        for client in clients:
-            client.join(timeout=120)
-            assert client.error is None and client.created.status_code == 201, client.created.text
-            assert len(client.blocks) == 3
         assert sorted(r["sessions"] for r in denoisers.values()) == [2, 2], denoisers
-        assert all(count <= 2 for count in held.values()), held  # what the replicas really hold
         holders = {lease["holder"] for lease in status["leases"].values()}
-        print(f"sessions per Denoiser replica {held}; admitted by {len(holders)} Ingress replicas")
+        assert len(holders) == 2, f"one Ingress replica admitted all four: {holders}"
+
+        def held() -> dict[str, int]:  # what the replicas really hold, asked of each
+            handle = serve.get_deployment_handle("Denoiser", "two")
+            return {
+                r: handle.options(session_id=routing_key("probe", r)).session_count.remote().result() for r in denoisers
+            }
+
+        deadline, counts = time.monotonic() + 60, held()
+        while sum(counts.values()) < 4 and time.monotonic() < deadline:  # opened by each session's first call
+            time.sleep(0.5)
+            counts = held()
+        assert sorted(counts.values()) == [2, 2], counts
+        print(f"sessions per Denoiser replica {counts}; admitted by {len(holders)} Ingress replicas")
     finally:
         serve.delete("two")

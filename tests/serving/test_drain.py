@@ -13,7 +13,7 @@ from ray import serve
 from livetalk_ray.cli.serve import wait_healthy
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.app import build_app
-from tests.serving.clients import SessionClient
+from tests.serving.clients import SessionClient, wait_for_placement
 
 APP, BLOCKS, SEEDS = "drain", 60, (11, 12, 13)
 SCALE_IN_AFTER_S = 30  # Serve scales the Denoiser in once it has wanted 1 replica this long
@@ -71,6 +71,7 @@ def test_scaling_in_moves_sessions_bit_exactly_without_a_reprime(server):
     try:
         wait_healthy(base, timeout_s=300)
         assert running("Denoiser").get("RUNNING") == 2
+        wait_for_placement(APP, denoisers=2)  # /healthz needs one replica of each stage; this test needs both
         seen = []
 
         def watch_scale_in(clients: list[SessionClient]) -> None:
@@ -85,7 +86,7 @@ def test_scaling_in_moves_sessions_bit_exactly_without_a_reprime(server):
         reference = stream_three(base)  # the same sessions, never moved
 
         migrations = [e for c in moved for e in c.events_of("migrated")]
-        assert migrations, "the stopping replica moved no session"
+        assert migrations, ("the stopping replica moved no session", [c.events for c in moved])
         assert not [e for c in moved for e in c.events_of("reprimed")]
         block_s = cfg.block_seconds
         for m, r in zip(moved, reference, strict=True):

@@ -28,7 +28,7 @@ def test_schedule_staleness_and_plans_depend_on_the_index_only(dmd_checkpoints):
     assert request_plan(5, cfg) == request_plan(5, cfg) and request_plan(5, cfg)[1] != request_plan(6, cfg)[1]
 
 
-@pytest.mark.parametrize("staleness", [0, 1])
+@pytest.mark.parametrize("staleness", [0, pytest.param(1, marks=pytest.mark.slow)])  # 1: slow run only
 def test_stopped_and_resumed_dmd_equals_an_uninterrupted_run(
     ray_cluster, dmd_checkpoints, random_shards, tmp_path, staleness
 ):
@@ -47,7 +47,7 @@ def test_stopped_and_resumed_dmd_equals_an_uninterrupted_run(
     assert sum("generator_loss" in r for r in records) == 3  # before critic steps 2, 4, 6 (0-based), after warm-up
 
 
-@pytest.mark.parametrize("role", ["critic", "generator"])
+@pytest.mark.parametrize("role", ["critic", pytest.param("generator", marks=pytest.mark.slow)])
 def test_a_killed_role_costs_at_most_one_checkpoint_interval(
     ray_cluster, dmd_checkpoints, random_shards, tmp_path, role
 ):
@@ -88,6 +88,7 @@ def test_export_writes_the_ema_student_in_livetalk_layout(ray_cluster, dmd_check
     assert livetalk_key_hash(model.state_dict()) == livetalk_key_hash(source.state_dict())
 
 
+@pytest.mark.slow  # 63 s: two DeepSpeed ranks per role; the one-rank resume test stays in the default run
 def test_trainer_roles_as_two_rank_deepspeed_groups_resume_exactly(
     ray_cluster, dmd_checkpoints, random_shards, tmp_path
 ):
