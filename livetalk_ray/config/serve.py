@@ -88,8 +88,8 @@ class AdmissionConfig(_Section):
     retry_after_s: int = Field(default=10, ge=1)  # the 503's Retry-After when the queue is full
     # A lease its Ingress replica stopped renewing (it died) is freed after this long; Ingress renews every third.
     lease_ttl_s: float = Field(default=15.0, gt=0)
-    # A streaming stage call (denoise, decode) unanswered for this many block times counts as the stage having
-    # stopped answering for the session: it is migrated if its replica is draining, re-primed elsewhere otherwise.
+    # A streaming stage call (denoise, decode) that leaves an admitted stream this many block times behind real time
+    # counts as the stage having stopped answering for the session: migrated if its replica drains, else re-primed.
     stall_blocks: float = Field(default=2.0, gt=0)
 
     def slots(self, preset: str, device: str, decoder: str = "full") -> tuple[int, int]:

@@ -54,6 +54,7 @@ class SessionResult:
         return list(np.diff(self.arrivals[1:])) if len(self.arrivals) > 2 else []  # block 0 → 1 includes priming
 
 
+QUEUE_PATIENCE_S = 1800.0  # how long a queued session waits for its slots before it counts as dropped
 REAL_TIME_SLACK = 1.2  # a block may arrive this many block times after the one before and still count as real time
 
 
@@ -130,9 +131,10 @@ def _one_session(base: str, token: str | None, portrait: str, seconds: float, re
         origin = urlsplit(base)._replace(path="", query="").geturl()  # the ws path carries any route prefix
         url = origin.replace("http", "ws", 1) + session["ws"] + (f"?token={token}" if token else "")
         end = time.monotonic() + seconds
+        waiting = reply.status_code == 202  # queued: it streams for `seconds` once admitted
         with connect(url, max_size=None, open_timeout=60) as ws:
-            while time.monotonic() < end:
-                message = ws.recv(timeout=max(30.0, end - time.monotonic()))
+            while waiting or time.monotonic() < end:
+                message = ws.recv(timeout=QUEUE_PATIENCE_S if waiting else max(30.0, end - time.monotonic()))
                 if isinstance(message, bytes):
                     now = time.perf_counter()
                     result.arrivals.append(now)
@@ -144,6 +146,7 @@ def _one_session(base: str, token: str | None, portrait: str, seconds: float, re
                     return
                 elif '"admitted"' in message:
                     result.queue_wait_s = time.perf_counter() - t0
+                    waiting, end = False, time.monotonic() + seconds
                 elif '"migrated"' in message:
                     result.migration_pauses.append(json.loads(message)["pause_s"])
         httpx.delete(base + f"/v1/sessions/{session['session_id']}", headers=headers, timeout=60)

@@ -59,6 +59,7 @@ class PlacementBook:
         self.queue: OrderedDict[str, Waiting] = OrderedDict()
         self.releases: deque[float] = deque(maxlen=32)  # when leases ended, for the queue's wait estimate
         self.expected_session_s = expected_session_s  # the wait estimate before any session has ended
+        self.moves: deque[dict] = deque(maxlen=256)  # finished drain moves, for status (operators, benchmarks)
 
     # ---- stage replicas
     def report(self, stage: str, replica: str, slots: int, draining: bool, now: float) -> int:
@@ -190,8 +191,10 @@ class PlacementBook:
             moves.append((session_id, target))
         return moves
 
-    def moved(self, session_id: str, stage: str, target: str | None) -> None:
-        """A drain's move ended: the session now lives on `target`, or (None) it failed and must re-prime."""
+    def moved(self, session_id: str, stage: str, target: str | None, seconds: float | None = None) -> None:
+        """A drain's move ended: the session now lives on `target`, or (None) it failed and must re-prime;
+        `seconds`: the export and import."""
+        self.moves.append({"session": session_id, "stage": stage, "moved": target is not None, "seconds": seconds})
         lease = self.leases.get(session_id)
         if lease is not None:
             lease.moving.pop(stage, None)
@@ -230,6 +233,7 @@ class PlacementBook:
             },
             "leases": {sid: {**lease.replicas, "holder": lease.holder} for sid, lease in self.leases.items()},
             "queue": list(self.queue),
+            "moves": list(self.moves),
         }
 
 
@@ -265,8 +269,8 @@ class Placement:
         self._notify()
         return moves
 
-    async def moved(self, session_id: str, stage: str, target: str | None) -> None:
-        self.book.moved(session_id, stage, target)
+    async def moved(self, session_id: str, stage: str, target: str | None, seconds: float | None = None) -> None:
+        self.book.moved(session_id, stage, target, seconds)
         self._notify()
 
     async def relocate(self, session_id: str, stage: str, lost: str | None, wait_s: float) -> str | None:

@@ -309,10 +309,7 @@ class SessionDriver:
         self._mark("primed_s")
         if self.denoiser.replica is None:  # placed by the router's pin: learn where
             await self.denoiser.locate(timeout)
-        # Placed (admitted into a slot, so due at real time): after the first block, a streaming call unanswered this
-        # long means the stage stopped answering for this session.
-        stall = self.cfg.serve.admission.stall_blocks * self.cfg.block_seconds if self.placement else timeout
-        in_flight, block_timeout = self.in_flight, timeout  # the first block of a stream may warm a replica up
+        in_flight, first = self.in_flight, True  # the first block of a stream may warm a replica up
         try:
             while not self.closed.is_set():
                 await self._pace()
@@ -325,14 +322,15 @@ class SessionDriver:
                 heard.push(audio)
                 called, self.waiting_for = time.monotonic(), self.denoiser.name
                 call = ("next_block", s.session_id, audio)
+                block_timeout = timeout if first else self._stall_timeout(timeout)
                 block, needed = await self._placed_call(self.denoiser, *call, timeout=block_timeout)
-                block_timeout = min(timeout, stall)
+                first = False
                 metrics.record(metrics.SERVE_STAGE_SECONDS, time.monotonic() - called, stage="denoise")
                 self._mark("denoised_s")
                 self.frames_made += block.num_frames
                 sound, parts = self._block_sound(heard, block)
                 previous = in_flight[-1][1] if in_flight else None
-                decode = asyncio.create_task(self._decode(block, min(timeout, stall), previous))
+                decode = asyncio.create_task(self._decode(block, self._stall_timeout(timeout), previous))
                 in_flight.append([block, decode, sound, parts])
                 # Publish the oldest block once `blocks_in_flight` are out. Block 0 always at once: the first frame
                 # is what a user waits for, and block 1 is not due until block 0 has played.
@@ -361,6 +359,15 @@ class SessionDriver:
         while self.pushed_tags and self.pushed_tags[0][0] + self.pushed_tags[0][2] <= s1:
             self.pushed_tags.popleft()
         return sound, parts
+
+    def _stall_timeout(self, timeout: float) -> float:
+        """How long a streaming call may take. An admitted (placed) session is due at real time: its stage has
+        stopped answering for it once the stream falls `serve.admission.stall_blocks` block times behind the wall
+        clock, counted from how far ahead the stream is now (calls go out up to `lead_blocks` early)."""
+        if self.placement is None:
+            return timeout
+        ahead = self.frames_made / self.cfg.video.fps - (time.monotonic() - self.pace_origin)
+        return min(timeout, self.cfg.serve.admission.stall_blocks * self.cfg.block_seconds + max(0.0, ahead))
 
     async def _pace(self) -> None:
         """Wait while the stream is more than lead_blocks ahead of the wall clock. A stream that fell behind (a

@@ -137,7 +137,8 @@ class SessionStage:
         except Exception:  # noqa: BLE001 - the session re-primes where Placement puts it next
             placed = None
         try:
-            await asyncio.wait_for(self.placement.moved.remote(session_id, self.name, placed), MOVE_ASK_S)
+            took = round(time.monotonic() - started, 4)
+            await asyncio.wait_for(self.placement.moved.remote(session_id, self.name, placed, took), MOVE_ASK_S)
         except Exception:  # noqa: BLE001 - its driver finds the session where it is, or re-primes it
             pass
         outcome = "moved" if placed else "lost"

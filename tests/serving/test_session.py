@@ -356,7 +356,9 @@ def test_an_admitted_session_its_stage_stops_answering_is_reprimed_within_two_bl
 
     hung_at, (reprimed_at, event), arrivals = asyncio.run(main())
     assert "did not answer `next_block`" in event["reason"], event
-    assert reprimed_at - hung_at <= 2 * block_s + 0.5, f"noticed after {reprimed_at - hung_at:.2f} s: {event}"
+    # Noticed once the stream is two block times behind real time; the call went out up to lead_blocks early.
+    limit = (2 + cfg.serve.lead_blocks) * block_s + 0.5
+    assert reprimed_at - hung_at <= limit, f"noticed after {reprimed_at - hung_at:.2f} s: {event}"
     assert len(arrivals["victim"]) >= 8  # streams again after the re-prime
     around = [b - a for a, b in itertools.pairwise(arrivals["bystander"]) if hung_at - 1 < b < reprimed_at + 3]
     assert around and max(around) <= 1.5 * block_s, around  # the other session kept its pace
