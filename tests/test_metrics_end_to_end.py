@@ -124,34 +124,19 @@ def serve_a_queue_and_a_drain(port: int) -> None:
     from ray import serve
 
     from livetalk_ray.serving.app import build_app
+    from tests.serving.clients import scaling_denoiser, wait_for_placement
 
     overrides = ["model.num_layers=2", "serve.admission.denoiser_slots=1", "serve.admission.decoder_slots=4"]
     cfg = load_config("toy", overrides=overrides)
     small = {"ray_actor_options": {"num_cpus": 0.05}}
     deployments = {n: small for n in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
-    env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-    deployments["Denoiser"] = {
-        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": env}},
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "initial_replicas": 2,
-            "max_replicas": 2,
-            "downscale_delay_s": 30,
-            "policy": {
-                "policy_function": "livetalk_ray.serving.autoscaling:SessionLoad",
-                "policy_kwargs": {"sessions_per_replica": 4},
-            },
-        },
-    }
+    deployments["Denoiser"] = scaling_denoiser(downscale_delay_s=30, sessions_per_replica=4)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg, overrides=deployments), name="admission", route_prefix="/", blocking=False)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, timeout_s=300)
-        placement = serve.get_deployment_handle("Placement", "admission")
-        deadline = time.monotonic() + 60
-        while len(placement.status.remote().result()["replicas"]["Denoiser"]) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for_placement("admission", denoisers=2)
         form = {"portrait": "bo", "mode": "puppet"}
         created = [httpx.post(base + "/v1/sessions", data=form, timeout=120) for _ in range(3)]
         assert [r.status_code for r in created] == [201, 201, 202], [r.text for r in created]

@@ -266,12 +266,12 @@ class Placement:
 
     async def drain(self, stage: str, replica: str) -> list[tuple[str, str | None]]:
         moves = self.book.drain(stage, replica, time.monotonic())
-        self._notify()
+        self.changed.set()
         return moves
 
     async def moved(self, session_id: str, stage: str, target: str | None, seconds: float | None = None) -> None:
         self.book.moved(session_id, stage, target, seconds)
-        self._notify()
+        self.changed.set()
 
     async def relocate(self, session_id: str, stage: str, lost: str | None, wait_s: float) -> str | None:
         """Where a session went that its driver found missing on replica `lost`: the new replica once a drain has
@@ -301,9 +301,6 @@ class Placement:
 
     async def status(self) -> dict:
         return self.book.status()
-
-    def _notify(self) -> None:
-        self.changed.set()
 
 
 class PlacementClient:

@@ -76,3 +76,22 @@ def wait_for_placement(app: str, denoisers: int, timeout_s: float = 60.0) -> dic
             assert len(status["replicas"]["Denoiser"]) >= denoisers, status
             return status
         time.sleep(0.2)
+
+
+def scaling_denoiser(downscale_delay_s: float, sessions_per_replica: int | None = None) -> dict:
+    """Denoiser options that start at 2 replicas and let SessionLoad autoscaling scale in to 1 after
+    `downscale_delay_s` (from the app's start) once the sessions fit one replica: a Serve scale-in for the tests."""
+    env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}  # Serve's default push: every 10 s
+    policy = {"policy_function": "livetalk_ray.serving.autoscaling:SessionLoad"}
+    if sessions_per_replica is not None:
+        policy["policy_kwargs"] = {"sessions_per_replica": sessions_per_replica}
+    return {
+        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": env}},
+        "autoscaling_config": {
+            "min_replicas": 1,
+            "initial_replicas": 2,
+            "max_replicas": 2,
+            "downscale_delay_s": downscale_delay_s,
+            "policy": policy,
+        },
+    }

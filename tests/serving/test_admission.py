@@ -29,22 +29,19 @@ def tiny(**extra) -> dict:
     return out
 
 
+def two_denoiser_slots(decoder_slots: int, extra: list[str] = ()):
+    """The toy (2 layers, tiny decoder) with 2 slots per Denoiser replica."""
+    slots = ["serve.admission.denoiser_slots=2", f"serve.admission.decoder_slots={decoder_slots}"]
+    return load_config("toy", overrides=["model.num_layers=2", "vae.decoder=tiny", *slots, *extra])
+
+
 def puppet(seed: int) -> dict:
     return {"portrait": "bo", "seed": seed, "mode": "puppet"}
 
 
 @pytest.mark.parametrize("seconds", [30, pytest.param(120, marks=pytest.mark.slow)])
 def test_sessions_beyond_the_slots_queue_or_get_503_and_the_admitted_keep_real_time(server, seconds):
-    cfg = load_config(
-        "toy",
-        overrides=[
-            "model.num_layers=2",
-            "vae.decoder=tiny",
-            "serve.admission.denoiser_slots=2",
-            "serve.admission.decoder_slots=2",
-            "serve.admission.max_queue=1",
-        ],
-    )
+    cfg = two_denoiser_slots(decoder_slots=2, extra=["serve.admission.max_queue=1"])
     name = f"admit{seconds}"
     serve.run(build_app(cfg, overrides=tiny()), name=name, route_prefix="/" + name, blocking=False)
     base = server + "/" + name
@@ -88,15 +85,7 @@ def test_sessions_beyond_the_slots_queue_or_get_503_and_the_admitted_keep_real_t
 
 
 def test_two_ingress_replicas_share_one_placement_and_never_overfill_a_denoiser(server):
-    cfg = load_config(
-        "toy",
-        overrides=[
-            "model.num_layers=2",
-            "vae.decoder=tiny",
-            "serve.admission.denoiser_slots=2",
-            "serve.admission.decoder_slots=4",
-        ],
-    )
+    cfg = two_denoiser_slots(decoder_slots=4)
     overrides = tiny(Ingress={"num_replicas": 2}, Denoiser={"num_replicas": 2})
     serve.run(build_app(cfg, overrides=overrides), name="two", route_prefix="/two", blocking=False)
     base = server + "/two"

@@ -13,7 +13,7 @@ from ray import serve
 from livetalk_ray.cli.serve import wait_healthy
 from livetalk_ray.config import load_config
 from livetalk_ray.serving.app import build_app
-from tests.serving.clients import SessionClient, wait_for_placement
+from tests.serving.clients import SessionClient, scaling_denoiser, wait_for_placement
 
 APP, BLOCKS, SEEDS = "drain", 60, (11, 12, 13)
 SCALE_IN_AFTER_S = 30  # Serve scales the Denoiser in once it has wanted 1 replica this long
@@ -23,17 +23,7 @@ def overrides() -> dict:
     tiny = {"ray_actor_options": {"num_cpus": 0.05}}
     out = {name: dict(tiny) for name in ("VAEDecoder", "LLM", "Speech", "ASR", "Ingress")}
     # Start at 2 replicas; 3 sessions fit one replica's 3 slots, so autoscaling scales in while they stream.
-    env = {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}  # Serve's default push: every 10 s
-    out["Denoiser"] = {
-        "ray_actor_options": {"num_cpus": 0.05, "runtime_env": {"env_vars": env}},
-        "autoscaling_config": {
-            "min_replicas": 1,
-            "initial_replicas": 2,
-            "max_replicas": 2,
-            "downscale_delay_s": SCALE_IN_AFTER_S,
-            "policy": {"policy_function": "livetalk_ray.serving.autoscaling:SessionLoad"},
-        },
-    }
+    out["Denoiser"] = scaling_denoiser(SCALE_IN_AFTER_S)
     return out
 
 
